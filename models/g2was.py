@@ -1,0 +1,126 @@
+"""The reference model of the target design (G2WAS): logistic growth of every plant, curve
+parameters driven by markers, scenarios, variety x scenario interaction and plant effects.
+
+For variety ``v``, scenario ``s``, plant ``p`` and curve parameter ``k`` in (log asymptote,
+log rate, inflection)::
+
+    phi[v, s, p, k] = scenario_mean[s, k] + genetic_value[v, k]
+                      + variety_scenario_effect[v, s, k] + plant_effect[v, s, p, k]
+    genetic_value[v] = Z[v] @ marker_effect            (Z: standardised dosages)
+    marker_effect[m, k] ~ Normal(0, genetic_sd[k] / sqrt(M))
+    variety_scenario_effect[v, s, k] ~ Normal(0, variety_scenario_sd[k])
+    plant_effect[v, s, p, k] ~ Normal(0, plant_sd[k])
+    curve[v, s, p, t] = exp(phi0) * sigmoid(exp(phi1) * (time - phi2))
+    obs ~ LogNormal(log curve, noise_sd)        (or another observation model)
+
+Without markers, ``genetic_value[v, k] ~ Normal(0, genetic_sd[k])`` (independent varieties).
+With a single scenario and no markers the variety x scenario effect is omitted (it would be
+confounded with the genetic value), and so is the plant effect with one plant per variety x
+scenario. Population-level latents: ``scenario_mean``, ``genetic_sd``, ``variety_scenario_sd``,
+``plant_sd``, ``marker_effect`` and the noise; the rest is individual-level.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_nlme.data import NLMEData
+from pyro_nlme.model import (
+    CURVE_SITE,
+    GrowthScale,
+    marker_effects,
+    nlme_model,
+    observation_model,
+    observe,
+    plant_plate,
+    scenario_plate,
+    time_plate,
+    variety_plate,
+)
+from pyro_nlme.model.curves import logistic
+from pyro_nlme.model.observations import ObservationModel
+
+CURVE_PARAMETERS = ("log_asymptote", "log_rate", "inflection")
+
+
+def _has_variety_scenario_effect(data: NLMEData) -> bool:
+    return data.n_scenarios > 1 or data.markers is not None
+
+
+@nlme_model(
+    event_dims={
+        "scenario_mean": ("scenario", "curve_parameter"),
+        "genetic_sd": ("curve_parameter",),
+        "variety_scenario_sd": ("curve_parameter",),
+        "plant_sd": ("curve_parameter",),
+        "marker_effect": ("curve_parameter",),
+        "genetic_value": ("curve_parameter",),
+        "variety_scenario_effect": ("curve_parameter",),
+        "plant_effect": ("curve_parameter",),
+    },
+    coords={"curve_parameter": CURVE_PARAMETERS},
+)
+def g2was(
+    data: NLMEData,
+    subsample_size: int | None = None,
+    likelihood: str | ObservationModel = "lognormal",
+) -> torch.Tensor:
+    """:param data: the phenotypes (and genotypes, if any) of the full data set.
+    :param subsample_size: varieties per minibatch (None: all).
+    :param likelihood: observation model name or object (``lognormal``: multiplicative error).
+    :returns: the observations ``[B, S, P, T]`` (sampled when ``data.values`` is None).
+    """
+    scale = GrowthScale.of(data)
+    centre, spread = scale.logistic_centre, scale.logistic_spread
+    n_scenarios = data.n_scenarios
+    scenario_mean = pyro.sample(
+        "scenario_mean",
+        dist.Normal(centre.expand(n_scenarios, 3), spread.expand(n_scenarios, 3)).to_event(2),
+    )
+    genetic_sd = pyro.sample("genetic_sd", dist.HalfNormal(spread / 2).to_event(1))
+    with_interaction = _has_variety_scenario_effect(data)
+    if with_interaction:
+        variety_scenario_sd = pyro.sample(
+            "variety_scenario_sd", dist.HalfNormal(spread / 2).to_event(1)
+        )
+    if data.n_plants > 1:
+        plant_sd = pyro.sample("plant_sd", dist.HalfNormal(spread / 4).to_event(1))
+    noise = observation_model(likelihood).sample_noise()
+    if data.markers is not None:
+        marker_effect = marker_effects(data, genetic_sd)
+
+    with variety_plate(data, subsample_size) as idx:
+        batch = data.subset(idx)
+        if data.markers is not None:
+            genetic = batch.markers.standardized() @ marker_effect
+            genetic = genetic[:, None, None, None, :]
+        else:
+            genetic = pyro.sample(
+                "genetic_value", dist.Normal(torch.zeros_like(genetic_sd), genetic_sd).to_event(1)
+            )
+        phi = scenario_mean[:, None, None, :] + genetic
+        with scenario_plate(data):
+            if with_interaction:
+                present = batch.variety_scenario_mask[..., None, None]
+                phi = phi + pyro.sample(
+                    "variety_scenario_effect",
+                    dist.Normal(torch.zeros_like(variety_scenario_sd), variety_scenario_sd)
+                    .to_event(1)
+                    .mask(present),
+                )
+            with plant_plate(data):
+                if data.n_plants > 1:
+                    phi = phi + pyro.sample(
+                        "plant_effect",
+                        dist.Normal(torch.zeros_like(plant_sd), plant_sd)
+                        .to_event(1)
+                        .mask(batch.plant_mask[..., None]),
+                    )
+                with time_plate(data):
+                    curve = logistic(
+                        batch.times, phi[..., 0].exp(), phi[..., 1].exp(), phi[..., 2]
+                    )
+                    pyro.deterministic(CURVE_SITE, curve)
+                    return observe(batch, observation_model(likelihood).distribution(curve, noise))

@@ -1,0 +1,192 @@
+"""Reading tables (CSV, Parquet or a pandas ``DataFrame``) and mapping their column names."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from pyro_nlme.data.errors import DataError
+
+TableSource = str | Path | pd.DataFrame
+
+PHENOTYPE_COLUMNS = ("variety", "scenario", "plant", "time", "value")
+"""Canonical phenotype columns; ``scenario`` and ``plant`` are optional."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table with the name of where it came from, for error messages.
+
+    :param frame: the rows, with canonical column names after mapping.
+    :param source: file path, or ``"DataFrame"``.
+    :param is_file: whether ``source`` is a file (rows are then reported as file lines).
+    """
+
+    frame: pd.DataFrame
+    source: str
+    is_file: bool
+
+    def row_label(self, position: int) -> str:
+        """How to name the row at 0-based ``position`` in an error message."""
+        if self.is_file:
+            return f"line {position + 2}"
+        return f"row {self.frame.index[position]!r}"
+
+    def where(self, column: str | None = None) -> str:
+        """``"file 'x.csv', column 'time'"``-style prefix for error messages."""
+        kind = "file" if self.is_file else "table"
+        text = f"{kind} {self.source!r}"
+        return f"{text}, column {column!r}" if column is not None else text
+
+
+def parse_column_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """Parse ``"variety=Tree,time=age,value=circumference"`` into ``{canonical: file column}``.
+
+    :raises DataError: on a malformed item or an unknown canonical name.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        items = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            if "=" not in item:
+                raise DataError(f"--columns item {item!r} is not of the form canonical=column")
+            key, value = (part.strip() for part in item.split("=", 1))
+            items[key] = value
+    unknown = sorted(set(items) - set(PHENOTYPE_COLUMNS))
+    if unknown:
+        raise DataError(
+            f"--columns names unknown canonical column(s) {unknown}; "
+            f"known: {list(PHENOTYPE_COLUMNS)}"
+        )
+    return items
+
+
+def _file_header(path: Path) -> list[str]:
+    """Column names as written in the file (duplicates kept, unlike pandas)."""
+    if path.suffix.lower() == ".parquet":
+        return list(pq.read_schema(path).names)
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [name.strip() for name in next(csv.reader(handle), [])]
+
+
+def _check_unique_columns(columns: list[str], where: str) -> None:
+    seen: set[str] = set()
+    duplicated = [c for c in columns if c in seen or seen.add(c)]
+    if duplicated:
+        raise DataError(f"{where}: duplicated column(s) {sorted(set(duplicated))}")
+
+
+def read_table(source: TableSource, dtype: Mapping[str, object] | None = None) -> Table:
+    """Read a CSV or Parquet file, or wrap a ``DataFrame``, refusing duplicated column names.
+
+    Every CSV column is read as text (``dtype=str``) unless ``dtype`` says otherwise, so that ids
+    such as ``"001"`` keep their leading zeros and numeric checks can name the offending cell.
+
+    :raises DataError: if the file is missing, unreadable or has duplicated column names.
+    """
+    if isinstance(source, pd.DataFrame):
+        _check_unique_columns([str(c) for c in source.columns], "table 'DataFrame'")
+        frame = source.copy()
+        frame.columns = [str(c) for c in frame.columns]
+        return Table(frame, "DataFrame", is_file=False)
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"file {str(path)!r} does not exist")
+    header = _file_header(path)
+    if not header:
+        raise DataError(f"file {str(path)!r} is empty")
+    _check_unique_columns([str(c) for c in header], f"file {str(path)!r}")
+    if path.suffix.lower() == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, dtype=dtype or str, keep_default_na=False, na_values=[""])
+    return Table(frame, str(path), is_file=True)
+
+
+def rename_columns(table: Table, column_map: Mapping[str, str]) -> Table:
+    """Rename mapped file columns to their canonical names.
+
+    :raises DataError: if a mapped column is absent from the table.
+    """
+    missing = [f"{canon}={col}" for canon, col in column_map.items() if col not in table.frame]
+    if missing:
+        raise DataError(
+            f"{table.where()}: --columns maps {missing} but the table has no such column; "
+            f"its columns are {list(table.frame.columns)[:20]}"
+        )
+    frame = table.frame.rename(columns={col: canon for canon, col in column_map.items()})
+    _check_unique_columns(list(frame.columns), f"{table.where()} after --columns mapping")
+    return Table(frame, table.source, table.is_file)
+
+
+def iter_marker_row_blocks(
+    source: TableSource, block_rows: int = 256
+) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+    """Stream a wide genotype table in blocks of rows without materialising a float matrix.
+
+    :param source: CSV or Parquet path, or a ``DataFrame``; first column ``variety``, then one
+        column per marker.
+    :yields: ``(marker_ids, variety_ids, block)`` with ``block`` float64 of shape
+        ``[rows_in_block, n_markers]`` (NaN = missing), for the caller to check and cast.
+    :raises DataError: if the first column is not ``variety``, a column name is duplicated or a
+        dosage is not a number.
+    """
+    if isinstance(source, pd.DataFrame):
+        names = [str(c) for c in source.columns]
+        where = "table 'DataFrame'"
+        batches: Iterator[pd.DataFrame] = iter([source])
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"file {str(path)!r} does not exist")
+        names = [str(c) for c in _file_header(path)]
+        where = f"file {str(path)!r}"
+        batches = _file_batches(path, names, block_rows)
+    _check_unique_columns(names, where)
+    if not names or names[0] != "variety":
+        raise DataError(f"{where}: the first column must be 'variety', got {names[:1]}")
+    for frame in batches:
+        yield names[1:], frame.iloc[:, 0].astype(str).tolist(), _numeric_block(frame, where)
+
+
+def _file_batches(path: Path, names: list[str], block_rows: int) -> Iterator[pd.DataFrame]:
+    if path.suffix.lower() == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
+            yield batch.to_pandas()
+        return
+    convert = pa_csv.ConvertOptions(column_types={names[0]: pa.string()}, strings_can_be_null=True)
+    read = pa_csv.ReadOptions(block_size=1 << 24)
+    with pa_csv.open_csv(path, read_options=read, convert_options=convert) as reader:
+        for batch in reader:
+            yield batch.to_pandas()
+
+
+def _numeric_block(frame: pd.DataFrame, where: str) -> np.ndarray:
+    values = frame.iloc[:, 1:]
+    converted = {}
+    for column, dtype in values.dtypes.items():
+        if pd.api.types.is_numeric_dtype(dtype):
+            continue
+        coerced = pd.to_numeric(values[column], errors="coerce")
+        converted[column] = coerced
+        bad = np.flatnonzero(coerced.isna().to_numpy() & values[column].notna().to_numpy())
+        if len(bad):
+            raise DataError(
+                f"{where}, column {column!r}, variety {frame.iloc[bad[0], 0]!r}: dosage "
+                f"{values[column].iloc[bad[0]]!r} is not a number (expected 0, 1 or 2, or an "
+                "empty cell for a missing genotype)"
+            )
+    if converted:
+        values = values.assign(**converted)
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)

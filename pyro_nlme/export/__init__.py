@@ -1,0 +1,10 @@
+"""Export of fits to ArviZ InferenceData (shared by every engine)."""
+
+from pyro_nlme.export.inference_data import (
+    OBSERVATION_DIM,
+    data_coords,
+    package_versions,
+    to_inference_data,
+)
+
+__all__ = ["OBSERVATION_DIM", "data_coords", "package_versions", "to_inference_data"]
