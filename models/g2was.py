@@ -16,8 +16,12 @@ log rate, inflection)::
 Without markers, ``genetic_value[v, k] ~ Normal(0, genetic_sd[k])`` (independent varieties).
 With a single scenario and no markers the variety x scenario effect is omitted (it would be
 confounded with the genetic value), and so is the plant effect with one plant per variety x
-scenario. Population-level latents: ``scenario_mean``, ``genetic_sd``, ``variety_scenario_sd``,
-``plant_sd``, ``marker_effect`` and the noise; the rest is individual-level.
+scenario. Latents of absent variety x scenario combinations and padded plant slots have no data
+and are drawn from their prior (they are not masked: a masked latent would leave the guide's
+entropy unbounded); ``constant_data.plant_mask`` in the export says which exist.
+Population-level latents: ``scenario_mean``, ``genetic_sd``, ``variety_scenario_sd``,
+``plant_sd``, ``marker_effect`` (``genetic_value_raw`` and the deterministic ``genetic_value``
+in the kinship form) and the noise; the rest is individual-level.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from pyro_nlme.model import (
     time_plate,
     variety_plate,
 )
-from pyro_nlme.model.curves import logistic
+from pyro_nlme.model.curves import log_logistic
+from pyro_nlme.model.kinship import KINSHIP_COMPONENT_DIM, kinship_genetic_values
 from pyro_nlme.model.observations import ObservationModel
 
 CURVE_PARAMETERS = ("log_asymptote", "log_rate", "inflection")
@@ -56,7 +61,8 @@ def _has_variety_scenario_effect(data: NLMEData) -> bool:
         "variety_scenario_sd": ("curve_parameter",),
         "plant_sd": ("curve_parameter",),
         "marker_effect": ("curve_parameter",),
-        "genetic_value": ("curve_parameter",),
+        "genetic_value": ("variety", "curve_parameter"),
+        "genetic_value_raw": (KINSHIP_COMPONENT_DIM, "curve_parameter"),
         "variety_scenario_effect": ("curve_parameter",),
         "plant_effect": ("curve_parameter",),
     },
@@ -66,12 +72,26 @@ def g2was(
     data: NLMEData,
     subsample_size: int | None = None,
     likelihood: str | ObservationModel = "lognormal",
+    marker_form: str = "effects",
 ) -> torch.Tensor:
     """:param data: the phenotypes (and genotypes, if any) of the full data set.
     :param subsample_size: varieties per minibatch (None: all).
     :param likelihood: observation model name or object (``lognormal``: multiplicative error).
+    :param marker_form: with markers, ``"effects"`` samples the marker effects ``[M, K]``;
+        ``"kinship"`` samples the genetic values ``[V, K]`` from their exact marginal
+        ``Normal(0, genetic_sd ** 2 K)`` (GBLUP, :mod:`pyro_nlme.model.kinship`): the same
+        distribution of the data, ``V`` instead of ``M`` latents per curve parameter, no
+        subsampling (the varieties are correlated).
     :returns: the observations ``[B, S, P, T]`` (sampled when ``data.values`` is None).
     """
+    if marker_form not in ("effects", "kinship"):
+        raise ValueError(f"marker_form must be 'effects' or 'kinship', got {marker_form!r}")
+    kinship = data.markers is not None and marker_form == "kinship"
+    if kinship and subsample_size is not None:
+        raise ValueError(
+            "marker_form='kinship' cannot be subsampled: the genetic values of all varieties "
+            "are jointly Gaussian (use marker_form='effects' or subsample_size=None)"
+        )
     scale = GrowthScale.of(data)
     centre, spread = scale.logistic_centre, scale.logistic_spread
     n_scenarios = data.n_scenarios
@@ -88,14 +108,17 @@ def g2was(
     if data.n_plants > 1:
         plant_sd = pyro.sample("plant_sd", dist.HalfNormal(spread / 4).to_event(1))
     noise = observation_model(likelihood).sample_noise()
-    if data.markers is not None:
+    if kinship:
+        genetic_values = kinship_genetic_values(data.markers, genetic_sd)
+    elif data.markers is not None:
         marker_effect = marker_effects(data, genetic_sd)
 
     with variety_plate(data, subsample_size) as idx:
         batch = data.subset(idx)
-        if data.markers is not None:
-            genetic = batch.markers.standardized() @ marker_effect
-            genetic = genetic[:, None, None, None, :]
+        if kinship:
+            genetic = genetic_values[idx][:, None, None, None, :]
+        elif data.markers is not None:
+            genetic = batch.markers.standardized_matmul(marker_effect)[:, None, None, None, :]
         else:
             genetic = pyro.sample(
                 "genetic_value", dist.Normal(torch.zeros_like(genetic_sd), genetic_sd).to_event(1)
@@ -103,24 +126,24 @@ def g2was(
         phi = scenario_mean[:, None, None, :] + genetic
         with scenario_plate(data):
             if with_interaction:
-                present = batch.variety_scenario_mask[..., None, None]
                 phi = phi + pyro.sample(
                     "variety_scenario_effect",
-                    dist.Normal(torch.zeros_like(variety_scenario_sd), variety_scenario_sd)
-                    .to_event(1)
-                    .mask(present),
+                    dist.Normal(
+                        torch.zeros_like(variety_scenario_sd), variety_scenario_sd
+                    ).to_event(1),
                 )
             with plant_plate(data):
                 if data.n_plants > 1:
                     phi = phi + pyro.sample(
                         "plant_effect",
-                        dist.Normal(torch.zeros_like(plant_sd), plant_sd)
-                        .to_event(1)
-                        .mask(batch.plant_mask[..., None]),
+                        dist.Normal(torch.zeros_like(plant_sd), plant_sd).to_event(1),
                     )
                 with time_plate(data):
-                    curve = logistic(
-                        batch.times, phi[..., 0].exp(), phi[..., 1].exp(), phi[..., 2]
+                    log_curve = log_logistic(
+                        batch.times, phi[..., 0], phi[..., 1].exp(), phi[..., 2]
                     )
-                    pyro.deterministic(CURVE_SITE, curve)
-                    return observe(batch, observation_model(likelihood).distribution(curve, noise))
+                    curve = pyro.deterministic(CURVE_SITE, log_curve.exp())
+                    distribution = observation_model(likelihood).distribution(
+                        curve, noise, log_prediction=log_curve
+                    )
+                    return observe(batch, distribution)

@@ -41,7 +41,8 @@ def orange(data: NLMEData, subsample_size: int | None = None) -> torch.Tensor:
         "inflection", dist.Normal(scale.time_start + scale.time_span / 2, 10 * scale.time_span)
     )
     curve_scale = pyro.sample(
-        "scale", dist.LogNormal(torch.log(scale.time_span / 8), torch.tensor(3.0).to(scale.time_span))
+        "scale",
+        dist.LogNormal(torch.log(scale.time_span / 8), torch.tensor(3.0).to(scale.time_span)),
     )
     asymptote_sd = pyro.sample("asymptote_sd", dist.HalfCauchy(scale.value_max))
     noise_sd = pyro.sample("noise_sd", dist.HalfCauchy(scale.value_max / 10))

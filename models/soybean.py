@@ -77,9 +77,10 @@ def soybean(
         batch = data.subset(idx)
         fixed = intercept + batch.covariate_design @ covariate_effect
         effect = pyro.sample(
-            "random_effect", dist.MultivariateNormal(torch.zeros_like(spread), scale_tril=scale_tril)
+            "random_effect",
+            dist.MultivariateNormal(torch.zeros_like(spread), scale_tril=scale_tril),
         )
-        phi = (fixed[:, None, None, None, :] + effect)
+        phi = fixed[:, None, None, None, :] + effect
         with scenario_plate(data), plant_plate(data), time_plate(data):
             curve = logistic(batch.times, phi[..., 0].exp(), (-phi[..., 2]).exp(), phi[..., 1])
             pyro.deterministic(CURVE_SITE, curve)

@@ -143,7 +143,8 @@ class NLMEData:
         )
 
     def standardized_markers(self) -> torch.Tensor:
-        """float32 ``[V, M]``: the standardised dosages of these varieties.
+        """float32 ``[V, M]``: the standardised dosages of these varieties (a dense copy: models
+        should prefer ``markers.standardized_matmul``).
 
         :raises ValueError: if the data has no genotypes.
         """
@@ -265,8 +266,8 @@ def _canonical_frame(table: Table) -> pd.DataFrame:
             "variety": variety,
             "scenario": scenario,
             "plant": plant,
-            "time": numeric_column(table, "time", allow_missing=False),
-            "value": numeric_column(table, "value", allow_missing=True),
+            "time": numeric_column(table, "time", variety, allow_missing=False),
+            "value": numeric_column(table, "value", variety, allow_missing=True),
         }
     ).reset_index(drop=True)
 
@@ -281,9 +282,12 @@ def _dense_grid(frame: pd.DataFrame, variety_order: list[str], dtype: torch.dtyp
     p = p.to_numpy(np.int64)
     order = np.lexsort((frame["time"].to_numpy(), p, s, v))
     t = np.empty(len(frame), np.int64)
-    t[order] = pd.Series(np.arange(len(frame)))[order].groupby(
-        [v[order], s[order], p[order]], sort=False
-    ).cumcount().to_numpy()
+    t[order] = (
+        pd.Series(np.arange(len(frame)))[order]
+        .groupby([v[order], s[order], p[order]], sort=False)
+        .cumcount()
+        .to_numpy()
+    )
     shape = (len(variety_order), len(scenario_names), int(p.max()) + 1, int(t.max()) + 1)
     times = np.zeros(shape, np.float64)
     values = np.zeros(shape, np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ class GenotypeMatrix:
     scale: torch.Tensor
     monomorphic: torch.Tensor
     n_imputed: int
+    rows: torch.Tensor | None = None
 
     @classmethod
     def from_dosages(
@@ -78,7 +80,7 @@ class GenotypeMatrix:
 
     @property
     def n_varieties(self) -> int:
-        return self.dosages.shape[0]
+        return self.dosages.shape[0] if self.rows is None else len(self.rows)
 
     @property
     def n_markers(self) -> int:
@@ -88,32 +90,55 @@ class GenotypeMatrix:
     def n_monomorphic(self) -> int:
         return int(self.monomorphic.sum())
 
+    def _block(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """int8 dosages of ``rows`` (positions in this matrix; None: all)."""
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.dosages.device)
+            rows = rows if self.rows is None else self.rows[rows]
+        else:
+            rows = self.rows
+        return self.dosages if rows is None else self.dosages[rows]
+
     def standardized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Standardised dosages of ``rows`` (all rows if None), float32 ``[len(rows), n_markers]``,
-        on the device of the dosages. Missing genotypes and monomorphic markers give 0."""
-        block = self.dosages if rows is None else self.dosages[rows]
+        """Standardised dosages of ``rows`` (positions in this matrix; None: all), float32
+        ``[len(rows), n_markers]``, on the device of the dosages. Missing genotypes and
+        monomorphic markers give 0."""
+        block = self._block(rows)
         values = (block.to(self.mean.dtype) - self.mean) / self.scale
         return values.masked_fill((block == MISSING_DOSAGE) | self.monomorphic, 0.0)
 
+    def standardized_matmul(
+        self, weights: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``standardized() @ weights`` without forming the standardised matrix:
+        ``D @ (weights / scale) - (mean / scale) @ weights`` with one int8 -> float conversion
+        of the rows (missing genotypes read as the marker mean, so they contribute 0;
+        monomorphic markers contribute 0 since their dosage equals their mean).
+
+        :param weights: ``[n_markers, K]`` (e.g. marker effects, or a layer's weights).
+        :param rows: positions in this matrix (None: all).
+        :returns: ``[len(rows), K]``.
+        """
+        block = self._block(rows)
+        scaled = weights / self.scale[:, None].to(weights)
+        values = block.to(weights.dtype)
+        if self.n_imputed:
+            values = torch.where(block == MISSING_DOSAGE, self.mean.to(weights), values)
+        return values @ scaled - self.mean.to(weights) @ scaled
+
     def take(self, rows: torch.Tensor | np.ndarray) -> GenotypeMatrix:
-        """The same markers and standardisation for a subset of rows (a view of the dosages)."""
-        return GenotypeMatrix(
-            torch.as_tensor(self.dosages)[torch.as_tensor(rows)],
-            self.marker_ids,
-            self.mean,
-            self.scale,
-            self.monomorphic,
-            self.n_imputed,
-        )
+        """The same markers and standardisation for a subset of rows (no copy of dosages)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.dosages.device)
+        return dataclasses.replace(self, rows=rows if self.rows is None else self.rows[rows])
 
     def to(self, device: torch.device | str) -> GenotypeMatrix:
-        return GenotypeMatrix(
-            self.dosages.to(device),
-            self.marker_ids,
-            self.mean.to(device),
-            self.scale.to(device),
-            self.monomorphic.to(device),
-            self.n_imputed,
+        return dataclasses.replace(
+            self,
+            dosages=self.dosages.to(device),
+            mean=self.mean.to(device),
+            scale=self.scale.to(device),
+            monomorphic=self.monomorphic.to(device),
+            rows=None if self.rows is None else self.rows.to(device),
         )
 
 
@@ -131,8 +156,7 @@ def read_genotypes(
         of a missing genotype (unless imputed), or a duplicated variety.
     """
     where = "table 'DataFrame'" if isinstance(source, pd.DataFrame) else f"file {str(source)!r}"
-    if isinstance(source, pd.DataFrame):
-        blocks = iter_marker_row_blocks(source)
+    blocks = iter_marker_row_blocks(source)
     variety_ids: list[str] = []
     parts: list[np.ndarray] = []
     marker_ids: list[str] = []

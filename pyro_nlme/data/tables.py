@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ class Table:
         """How to name the row at 0-based ``position`` in an error message."""
         if self.is_file:
             return f"line {position + 2}"
-        return f"row {self.frame.index[position]!r}"
+        label = self.frame.index[position]
+        return f"row {label.item() if hasattr(label, 'item') else label!r}"
 
     def where(self, column: str | None = None) -> str:
         """``"file 'x.csv', column 'time'"``-style prefix for error messages."""
@@ -76,7 +78,7 @@ def _file_header(path: Path) -> list[str]:
     """Column names as written in the file (duplicates kept, unlike pandas)."""
     if path.suffix.lower() == ".parquet":
         return list(pq.read_schema(path).names)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         return [name.strip() for name in next(csv.reader(handle), [])]
 
 
@@ -157,19 +159,50 @@ def iter_marker_row_blocks(
     if not names or names[0] != "variety":
         raise DataError(f"{where}: the first column must be 'variety', got {names[:1]}")
     for frame in batches:
-        yield names[1:], frame.iloc[:, 0].astype(str).tolist(), _numeric_block(frame, where)
+        ids = frame.iloc[:, 0].astype("string").str.strip()
+        empty = np.flatnonzero((ids.isna() | (ids == "")).to_numpy())
+        if len(empty):
+            raise DataError(f"{where}, column 'variety': empty variety id in row {empty[0] + 1}")
+        yield names[1:], ids.astype(str).tolist(), _numeric_block(frame, where)
 
 
 def _file_batches(path: Path, names: list[str], block_rows: int) -> Iterator[pd.DataFrame]:
+    """Blocks of about ``block_rows`` rows; markers parsed as float32 (only an empty cell is
+    missing), ids as text."""
     if path.suffix.lower() == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
             yield batch.to_pandas()
         return
-    convert = pa_csv.ConvertOptions(column_types={names[0]: pa.string()}, strings_can_be_null=True)
-    read = pa_csv.ReadOptions(block_size=1 << 24)
-    with pa_csv.open_csv(path, read_options=read, convert_options=convert) as reader:
-        for batch in reader:
-            yield batch.to_pandas()
+    types = {name: pa.float32() for name in names[1:]}
+    types[names[0]] = pa.string()
+    convert = pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False)
+    # A row of single-digit dosages takes about 2 bytes a marker.
+    read = pa_csv.ReadOptions(block_size=max(block_rows * (2 * len(names) + 64), 1 << 16))
+    try:
+        with pa_csv.open_csv(path, read_options=read, convert_options=convert) as reader:
+            for batch in reader:
+                yield batch.to_pandas()
+    except pa.ArrowInvalid as error:
+        found = re.search(r"column #(\d+)", str(error))
+        if found is None:
+            raise DataError(f"file {str(path)!r}: {error}") from error
+        raise _bad_dosage_error(path, names, int(found.group(1))) from error
+
+
+def _bad_dosage_error(path: Path, names: list[str], column: int) -> DataError:
+    """Find the first non-numeric cell of ``column`` (an error path: the file is re-read)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = csv.reader(handle)
+        next(rows)
+        for line, row in enumerate(rows, start=2):
+            cell = row[column].strip() if column < len(row) else ""
+            if cell and pd.isna(pd.to_numeric(cell, errors="coerce")):
+                return DataError(
+                    f"file {str(path)!r}, column {names[column]!r}, line {line}, variety "
+                    f"{row[0].strip()!r}: dosage {cell!r} is not a number (expected 0, 1 or 2, "
+                    "or an empty cell for a missing genotype)"
+                )
+    return DataError(f"file {str(path)!r}, column {names[column]!r}: unreadable dosages")
 
 
 def _numeric_block(frame: pd.DataFrame, where: str) -> np.ndarray:

@@ -39,27 +39,38 @@ def text_column(table: Table, column: str) -> pd.Series:
     return text.astype(object).reset_index(drop=True)
 
 
-def numeric_column(table: Table, column: str, allow_missing: bool) -> pd.Series:
+def _cells(table: Table, positions: np.ndarray, variety: pd.Series, raw: pd.Series) -> str:
+    shown = ", ".join(
+        f"{table.row_label(int(i))} (variety {variety.iloc[i]!r}, {raw.iloc[i]!r})"
+        for i in positions[:MAX_LISTED]
+    )
+    more = f" and {len(positions) - MAX_LISTED} more" if len(positions) > MAX_LISTED else ""
+    return shown + more
+
+
+def numeric_column(table: Table, column: str, variety: pd.Series, allow_missing: bool) -> pd.Series:
     """A numeric column; non-numeric or infinite cells are errors, empty cells are NaN
-    (allowed only if ``allow_missing``)."""
+    (allowed only if ``allow_missing``). Errors name the line and the variety id."""
     raw = table.frame[column].reset_index(drop=True)
     numbers = pd.to_numeric(raw, errors="coerce").astype(float)
     empty = raw.isna() | (raw.astype("string").str.strip() == "")
     not_numeric = np.flatnonzero((numbers.isna() & ~empty).to_numpy())
     if len(not_numeric):
-        shown = ", ".join(
-            f"{table.row_label(int(i))} ({raw.iloc[i]!r})" for i in not_numeric[:MAX_LISTED]
-        )
         raise DataError(
-            f"{table.where(column)}: {len(not_numeric)} non-numeric value(s) at {shown}"
+            f"{table.where(column)}: {len(not_numeric)} non-numeric value(s) at "
+            f"{_cells(table, not_numeric, variety, raw)}"
         )
     infinite = np.flatnonzero(np.isinf(numbers.to_numpy()))
     if len(infinite):
-        raise DataError(f"{table.where(column)}: infinite value(s) at {_rows(table, infinite)}")
+        raise DataError(
+            f"{table.where(column)}: infinite value(s) at {_cells(table, infinite, variety, raw)}"
+        )
     if not allow_missing:
         missing = np.flatnonzero(empty.to_numpy())
         if len(missing):
-            raise DataError(f"{table.where(column)}: empty cell(s) at {_rows(table, missing)}")
+            raise DataError(
+                f"{table.where(column)}: empty cell(s) at {_cells(table, missing, variety, raw)}"
+            )
     return numbers
 
 

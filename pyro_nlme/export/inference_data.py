@@ -122,7 +122,9 @@ def to_inference_data(
     extra_groups: Mapping[str, xr.Dataset] | None = None,
     structure: ModelStructure | None = None,
 ) -> az.InferenceData:
-    """Build the InferenceData of a fit.
+    """Build the InferenceData of a fit (or of a prediction: with ``data.values`` None the
+    ``observation`` dim covers every cell of ``data.mask`` and there is no ``log_likelihood``
+    nor ``observed_data``).
 
     :param samples: draws of every latent site ``[chain, draw, *site shape]`` (all varieties);
         deterministic sites may be included, otherwise they are recomputed by replaying.
@@ -166,11 +168,11 @@ def to_inference_data(
         "posterior_predictive": observation_dataset(
             per_observation(replayed.predictive), ("chain", "draw")
         ),
-        "log_likelihood": observation_dataset(
-            per_observation(replayed.log_likelihood), ("chain", "draw")
-        ),
     }
     if data.values is not None:
+        groups["log_likelihood"] = observation_dataset(
+            per_observation(replayed.log_likelihood), ("chain", "draw")
+        )
         groups["observed_data"] = observation_dataset(per_observation(data.values), ())
     groups["constant_data"] = _constant_data(data, index, coords)
     if sample_stats:
@@ -189,6 +191,7 @@ def to_inference_data(
         "versions": json.dumps(package_versions(), sort_keys=True),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "inference_library": "pyro_nlme",
+        "data_summary": json.dumps(data.summary.as_dict(), sort_keys=True),
     }
     for group in idata.groups():
         idata[group].attrs.update(attrs)
@@ -215,6 +218,12 @@ def _constant_data(data: NLMEData, index: tuple[torch.Tensor, ...], coords: dict
     dataset = dataset.assign_coords(
         {OBSERVATION_DIM: np.arange(len(v)), "grid_axis": list(grid_dims)}
     )
+    if data.markers is not None:
+        markers = data.markers
+        dataset["marker_mean"] = ("marker", _numpy(markers.mean))
+        dataset["marker_scale"] = ("marker", _numpy(markers.scale))
+        dataset["marker_monomorphic"] = ("marker", _numpy(markers.monomorphic))
+        dataset = dataset.assign_coords(marker=list(markers.marker_ids))
     if data.covariate_names:
         dataset["covariate_design"] = (
             ("variety", "covariate"),

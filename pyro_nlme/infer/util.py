@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.model.convention import OBSERVED_SITE, VARIETY_PLATE, model_event_dims
@@ -86,7 +86,7 @@ def model_structure(model: Callable, data: NLMEData, **model_kwargs) -> ModelStr
         )
         if deterministic:
             structure.deterministic[name] = info
-        elif site["is_observed"]:
+        elif site["is_observed"] or name == OBSERVED_SITE:
             structure.observed[name] = info
         elif info.is_individual:
             structure.individual[name] = info

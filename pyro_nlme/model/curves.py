@@ -31,12 +31,22 @@ def logistic(
     return asymptote * torch.sigmoid(rate * (time - inflection))
 
 
+def log_logistic(
+    time: torch.Tensor, log_asymptote: torch.Tensor, rate: torch.Tensor, inflection: torch.Tensor
+) -> torch.Tensor:
+    """``log(logistic(time, exp(log_asymptote), rate, inflection))`` without underflow:
+    ``log_asymptote + logsigmoid(rate * (time - inflection))`` (for multiplicative errors)."""
+    return log_asymptote + torch.nn.functional.logsigmoid(rate * (time - inflection))
+
+
 def gompertz(
     time: torch.Tensor, asymptote: torch.Tensor, rate: torch.Tensor, inflection: torch.Tensor
 ) -> torch.Tensor:
     """``asymptote * exp(-exp(-rate * (time - inflection)))``; the inflection is at
-    ``asymptote / e``."""
-    return asymptote * torch.exp(-torch.exp(-rate * (time - inflection)))
+    ``asymptote / e``. The inner exponent is capped at 50 (``exp(-exp(50))`` is 0 in float64
+    too), so that the gradient far before the inflection is 0, not ``0 * inf``."""
+    exponent = (-rate * (time - inflection)).clamp(max=50.0)
+    return asymptote * torch.exp(-torch.exp(exponent))
 
 
 def richards(

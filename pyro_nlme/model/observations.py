@@ -31,9 +31,13 @@ class ObservationModel(Protocol):
         """Sample the population-level noise parameters (outside every plate)."""
 
     def distribution(
-        self, prediction: torch.Tensor, noise: dict[str, torch.Tensor]
+        self,
+        prediction: torch.Tensor,
+        noise: dict[str, torch.Tensor],
+        log_prediction: torch.Tensor | None = None,
     ) -> dist.Distribution:
-        """The distribution of the observations given the curve's ``prediction``."""
+        """The distribution of the observations given the curve's ``prediction`` (and, where
+        the model has it in stable form, its logarithm: ``log_prediction``)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Normal:
     def sample_noise(self) -> dict[str, torch.Tensor]:
         return {"noise_sd": pyro.sample("noise_sd", dist.HalfNormal(self.noise_scale))}
 
-    def distribution(self, prediction, noise):
+    def distribution(self, prediction, noise, log_prediction=None):
         return dist.Normal(prediction, noise["noise_sd"])
 
 
@@ -67,8 +71,10 @@ class LogNormal:
     def sample_noise(self) -> dict[str, torch.Tensor]:
         return {"noise_sd": pyro.sample("noise_sd", dist.HalfNormal(self.noise_scale))}
 
-    def distribution(self, prediction, noise):
-        return dist.LogNormal(torch.log(_positive(prediction)), noise["noise_sd"])
+    def distribution(self, prediction, noise, log_prediction=None):
+        if log_prediction is None:
+            log_prediction = torch.log(_positive(prediction))
+        return dist.LogNormal(log_prediction, noise["noise_sd"])
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class Proportional:
     def sample_noise(self) -> dict[str, torch.Tensor]:
         return {"noise_cv": pyro.sample("noise_cv", dist.HalfNormal(self.noise_scale))}
 
-    def distribution(self, prediction, noise):
+    def distribution(self, prediction, noise, log_prediction=None):
         return dist.Normal(prediction, _positive(noise["noise_cv"] * prediction.abs()))
 
 
@@ -108,7 +114,7 @@ class Combined:
             "noise_cv": pyro.sample("noise_cv", dist.HalfNormal(self.cv_scale)),
         }
 
-    def distribution(self, prediction, noise):
+    def distribution(self, prediction, noise, log_prediction=None):
         scale = torch.hypot(noise["noise_sd"], noise["noise_cv"] * prediction)
         return dist.Normal(prediction, _positive(scale))
 
@@ -130,7 +136,7 @@ class Power:
             "noise_power": pyro.sample("noise_power", dist.Normal(0.5, 0.5)),
         }
 
-    def distribution(self, prediction, noise):
+    def distribution(self, prediction, noise, log_prediction=None):
         log_magnitude = torch.log(_positive(prediction.abs()))
         scale = noise["noise_sd"] * torch.exp(noise["noise_power"] * log_magnitude)
         return dist.Normal(prediction, _positive(scale))

@@ -81,7 +81,10 @@ def exact_mle(data: NLMEData, start: dict[str, float] | None = None) -> ExactFit
         "noise_sd": summary.value_max / 50,
     }
     x0 = np.array(
-        [np.log(start[p]) if pos else start[p] for p, pos in zip(PARAMETERS, _POSITIVE, strict=True)]
+        [
+            np.log(start[p]) if pos else start[p]
+            for p, pos in zip(PARAMETERS, _POSITIVE, strict=True)
+        ]
     )
 
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:

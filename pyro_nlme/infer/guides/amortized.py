@@ -1,0 +1,242 @@
+"""The amortised guide: one network maps a variety's markers and observed trajectories to the
+posterior of its individual-level latents; population-level latents are mean-field normal.
+
+With far more markers than varieties, a guide cannot do genomic prediction by itself (it would
+memorise each training variety's posterior, PYRO_NOTES): the markers enter the *model*
+(``marker_effect``), and the encoder conditions on the variety's data (and markers). The
+prediction for a variety never phenotyped is then the model's conditional distribution given
+the population-level posterior (:mod:`pyro_nlme.infer.predict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyro_nlme.data import GenotypeMatrix, NLMEData
+from pyro_nlme.infer.guides.init import init_to_prior_median
+from pyro_nlme.infer.util import ModelStructure, SiteInfo
+from pyro_nlme.model.convention import CURVE_SITE, VARIETY_DIM, VARIETY_PLATE
+
+MARKER_LAYER = "marker_layer"
+"""Name of the encoder's first marker layer (its learning rate is set apart: see SVIConfig)."""
+
+
+class VarietyEncoder(nn.Module):
+    """``(genotypes of B varieties, trajectory features [B, F]) -> (loc, scale) [B, D]``.
+
+    The marker branch is one linear layer (``M x marker_hidden`` weights) on the minibatch's
+    standardised dosages; the trajectory branch an MLP on values, times and masks. The head
+    starts at ``loc = 0`` and ``scale = init_scale`` (the individual latents' prior centre).
+
+    :param n_markers: markers per variety (0: no marker branch).
+    :param n_features: trajectory features per variety.
+    :param output_dim: unconstrained individual-level dimensions per variety.
+    """
+
+    def __init__(
+        self,
+        n_markers: int,
+        n_features: int,
+        output_dim: int,
+        hidden: int = 64,
+        marker_hidden: int = 32,
+        init_scale: float = 0.05,
+    ):
+        super().__init__()
+        self.output_dim = output_dim
+        self.marker_layer = nn.Linear(n_markers, marker_hidden) if n_markers else None
+        self.trajectory = nn.Sequential(nn.Linear(n_features, hidden), nn.ELU())
+        width = hidden + (marker_hidden if n_markers else 0)
+        self.head = nn.Sequential(
+            nn.Linear(width, hidden), nn.ELU(), nn.Linear(hidden, 2 * output_dim)
+        )
+        last = self.head[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        with torch.no_grad():
+            last.bias[output_dim:] = math.log(math.expm1(init_scale))
+
+    def forward(
+        self, markers: GenotypeMatrix | None, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:param markers: the batch's genotypes (standardised inside the first layer).
+        :param features: ``[B, n_features]``, see :func:`trajectory_features`."""
+        hidden = [self.trajectory(features)]
+        if self.marker_layer is not None:
+            layer = self.marker_layer
+            projected = markers.standardized_matmul(layer.weight.T) + layer.bias
+            hidden.append(torch.nn.functional.elu(projected))
+        out = self.head(torch.cat(hidden, -1))
+        loc, raw_scale = out.split(self.output_dim, -1)
+        return loc, torch.nn.functional.softplus(raw_scale) + 1e-4
+
+
+def _asinh_features(values: torch.Tensor, batch: NLMEData) -> torch.Tensor:
+    """``asinh`` of values in units of 1% of the data's largest magnitude, zero where masked."""
+    summary = batch.summary
+    value_unit = max(abs(summary.value_max), abs(summary.value_min), 1e-12) / 100
+    return torch.asinh(values / value_unit) * batch.mask
+
+
+def trajectory_features(batch: NLMEData, prior_curve: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, F]``: per grid cell the observed value and the model's prediction at the
+    individual latents' conditional prior means (``asinh`` of 1%-of-max units), the time (0-1
+    over the data's span) and the mask, zeroed where masked; ``F = 4 * S * P * T``."""
+    summary = batch.summary
+    span = max(summary.time_max - summary.time_min, 1e-6)
+    mask = batch.mask.to(batch.times.dtype)
+    values = torch.zeros_like(batch.times) if batch.values is None else batch.values
+    prior = torch.zeros_like(batch.times) if prior_curve is None else prior_curve
+    times = (batch.times - summary.time_min) / span * mask
+    features = [_asinh_features(values, batch), _asinh_features(prior, batch), times, mask]
+    return torch.stack(features, -1).flatten(1)
+
+
+class _PriorMeans(Messenger):
+    """Sets every unobserved latent site to its (conditional) prior mean, keeping gradients."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        msg["value"] = msg["fn"].mean
+        msg["done"] = True
+
+
+class _SiteLayout:
+    """Where an individual site's per-variety block sits in the encoder output."""
+
+    def __init__(self, info: SiteInfo, offset: int):
+        batch_ndim = len(info.shape) - info.event_dim
+        if batch_ndim != -VARIETY_DIM:
+            raise ValueError(
+                f"individual site {info.name!r} has {batch_ndim} batch dims; the convention "
+                f"puts the variety plate at dim {VARIETY_DIM} with nothing to its left"
+            )
+        self.name = info.name
+        self.event_dim = info.event_dim
+        self.transform = biject_to(info.support)
+        self.prior_relative = info.support is constraints.real or (
+            isinstance(info.support, constraints.independent)
+            and info.support.base_constraint is constraints.real
+        )
+        self.unconstrained_shape = tuple(self.transform.inv.forward_shape(info.shape))[1:]
+        self.size = math.prod(self.unconstrained_shape)
+        self.offset = offset
+        self.inner_plates = [
+            (name, info.shape[batch_ndim + dim], dim)
+            for dim, name in sorted(info.plate_dims.items())
+            if name != VARIETY_PLATE
+        ]
+
+
+class AmortizedGuide(PyroModule):
+    """Mean-field normal over population-level latents + encoder over individual-level ones.
+
+    :param model: a model following the convention.
+    :param data: the full data set (sizes the encoder).
+    :param structure: :func:`~pyro_nlme.infer.util.model_structure` of the model.
+    :param use_markers: feed the variety's standardised dosages to the encoder.
+    :param hidden: encoder width; ``marker_hidden`` width of the marker layer.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        data: NLMEData,
+        structure: ModelStructure,
+        use_markers: bool = True,
+        hidden: int = 64,
+        marker_hidden: int = 32,
+        init_scale: float = 0.05,
+    ):
+        super().__init__()
+        self.model = model
+        self.population = AutoNormal(
+            poutine.block(model, expose=list(structure.population)),
+            init_loc_fn=init_to_prior_median,
+            init_scale=init_scale,
+        )
+        self.layouts = []
+        offset = 0
+        for info in structure.individual.values():
+            layout = _SiteLayout(info, offset)
+            self.layouts.append(layout)
+            offset += layout.size
+        self.use_markers = use_markers and data.markers is not None
+        encoder = VarietyEncoder(
+            n_markers=data.n_markers if self.use_markers else 0,
+            n_features=trajectory_features(data.subset([0])).shape[-1],
+            output_dim=offset,
+            hidden=hidden,
+            marker_hidden=marker_hidden,
+            init_scale=init_scale,
+        ).to(data.device)
+        to_pyro_module_(encoder)
+        self.encoder = encoder
+
+    def conditional_prior(
+        self, data: NLMEData, idx: torch.Tensor, population: dict, model_kwargs: dict
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """Run the model (hidden from the guide's trace) on the batch ``idx`` given the
+        population draws, with individual latents at their conditional prior means.
+
+        :returns: per individual site its prior ``(mean, stddev)``, and the ``curve`` there
+            (None if the model has no ``curve`` site).
+        """
+        conditioned = poutine.condition(self.model, data={**population, VARIETY_PLATE: idx})
+        with poutine.block(), _PriorMeans():
+            trace = poutine.trace(conditioned).get_trace(data, **model_kwargs)
+        prior = {}
+        for layout in self.layouts:
+            fn = trace.nodes[layout.name]["fn"]
+            prior[layout.name] = (fn.mean, fn.stddev)
+        curve = trace.nodes.get(CURVE_SITE)
+        return prior, None if curve is None else curve["value"]
+
+    def forward(self, data: NLMEData, subsample_size: int | None = None, **model_kwargs):
+        values = dict(self.population(data, subsample_size=subsample_size, **model_kwargs))
+        if subsample_size is None:
+            idx = torch.arange(data.n_varieties, device=data.device)
+        else:
+            idx = torch.randperm(data.n_varieties, device=data.device)[:subsample_size]
+        prior, prior_curve = self.conditional_prior(data, idx, values, model_kwargs)
+        batch = data.subset(idx)
+        markers = batch.markers if self.use_markers else None
+        loc, scale = self.encoder(markers, trajectory_features(batch, prior_curve))
+        # One plate object per name: a plate is a sample site, created once per guide call.
+        plate_specs = {spec for layout in self.layouts for spec in layout.inner_plates}
+        inner_plates = {name: pyro.plate(name, size, dim=dim) for name, size, dim in plate_specs}
+        with pyro.plate(VARIETY_PLATE, data.n_varieties, subsample=idx, dim=VARIETY_DIM):
+            for layout in self.layouts:
+                block = slice(layout.offset, layout.offset + layout.size)
+                shape = (len(idx),) + layout.unconstrained_shape
+                site_loc = loc[:, block].reshape(shape)
+                site_scale = scale[:, block].reshape(shape)
+                if layout.prior_relative:
+                    prior_mean, prior_sd = prior[layout.name]
+                    site_loc = prior_mean + prior_sd * site_loc
+                    site_scale = prior_sd * site_scale
+                posterior = dist.TransformedDistribution(
+                    dist.Normal(site_loc, site_scale).to_event(layout.event_dim),
+                    layout.transform.with_cache(),
+                )
+                with contextlib.ExitStack() as stack:
+                    for name, _, _ in layout.inner_plates:
+                        stack.enter_context(inner_plates[name])
+                    values[layout.name] = pyro.sample(layout.name, posterior)
+        return values

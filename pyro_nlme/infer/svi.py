@@ -1,0 +1,326 @@
+"""The SVI engine: minibatch stochastic variational inference on any model that follows the
+convention (docs/model_convention.md).
+
+One step: the guide draws a minibatch of varieties (``subsample_size``) and the model replays
+the same indices, so the ELBO estimate is unbiased for the full data set (sites inside the
+variety plate are scaled by ``n_varieties / batch_size``). Optimiser: ClippedAdam with an
+exponential learning-rate decay from ``lr`` to ``lr_final`` over ``max_steps``, the encoder's
+marker layer at ``lr * marker_lr_factor``. Stops on an ELBO plateau (:class:`PlateauRule`) or
+at ``max_steps``; a non-finite loss or gradient stops the run with an error naming the step and
+the site, after saving the last finite state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+import torch
+import xarray as xr
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer.reparam import LocScaleReparam
+from pyro.infer.util import zero_grads
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+from pyro_nlme.data import NLMEData
+from pyro_nlme.diagnostics.summary import posterior_table
+from pyro_nlme.export import to_inference_data
+from pyro_nlme.infer.checkpoint import load_checkpoint, save_checkpoint
+from pyro_nlme.infer.guides import build_guide
+from pyro_nlme.infer.guides.amortized import MARKER_LAYER
+from pyro_nlme.infer.result import FitResult
+from pyro_nlme.infer.stopping import PlateauRule
+from pyro_nlme.infer.util import ModelStructure, model_structure
+from pyro_nlme.model.priors import MARKER_PLATE
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; the message names the step and the sites or parameters."""
+
+
+@dataclass(frozen=True)
+class SVIConfig:
+    """Settings of an SVI fit (all stored in the InferenceData attrs).
+
+    :param guide: ``amortized``, ``normal`` or ``lowrank``.
+    :param batch_size: varieties per minibatch (None: all varieties every step).
+    :param max_steps: step budget.
+    :param lr: initial learning rate; ``lr_final`` the rate reached at ``max_steps``.
+    :param marker_lr_factor: learning-rate factor of the amortised encoder's marker layer (a
+        60,000-wide layer diverges at the rate that suits the rest).
+    :param clip_norm: gradient norm clipping of ClippedAdam.
+    :param num_particles: ELBO particles per step.
+    :param jit: use ``JitTrace_ELBO`` (needs a fixed batch size; see docs/svi.md).
+    :param stopping: the plateau rule (None: run ``max_steps``).
+    :param num_draws: posterior draws exported from the fitted guide.
+    :param checkpoint_every: steps between checkpoints (0: none).
+    :param checkpoint_path: checkpoint file (needed for checkpoints and ``resume``).
+    :param resume: continue from ``checkpoint_path`` if it exists.
+    :param rank: rank of the low-rank guide (None: Pyro's default).
+    :param encoder_hidden: width of the amortised encoder.
+    :param seed: seeds parameters' initialisation, minibatches and draws.
+    :param device: ``cpu``, ``cuda``, ``cuda:1``, ...
+    :param progress: show a progress bar.
+    """
+
+    guide: str = "amortized"
+    batch_size: int | None = 64
+    max_steps: int = 5000
+    lr: float = 0.01
+    lr_final: float = 0.001
+    marker_lr_factor: float = 0.01
+    clip_norm: float = 10.0
+    num_particles: int = 1
+    jit: bool = False
+    stopping: PlateauRule | None = field(default_factory=PlateauRule)
+    num_draws: int = 200
+    checkpoint_every: int = 0
+    checkpoint_path: str | None = None
+    resume: bool = False
+    rank: int | None = None
+    encoder_hidden: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _optimizer(config: SVIConfig) -> ClippedAdam:
+    decay = (config.lr_final / config.lr) ** (1.0 / max(config.max_steps, 1))
+
+    def per_parameter(module_name: str, param_name: str) -> dict:
+        lr = config.lr * (config.marker_lr_factor if MARKER_LAYER in param_name else 1.0)
+        return {"lr": lr, "lrd": decay, "clip_norm": config.clip_norm}
+
+    return ClippedAdam(per_parameter)
+
+
+def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
+    """Sites whose value or log-density is not finite, in one guide/model trace pair."""
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        bad = []
+        for label, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                log_prob = site["fn"].log_prob(site["value"])
+                if not (torch.isfinite(site["value"]).all() and torch.isfinite(log_prob).all()):
+                    bad.append(f"{label}:{name}")
+    return bad
+
+
+@dataclass
+class _Training:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def noncentred_marker_effects(model: Callable, structure: ModelStructure) -> Callable:
+    """``model`` with its per-marker effects non-centred (``LocScaleReparam``): the guide then
+    learns unit-scale ``*_decentered`` sites, whose natural scale (``genetic_sd / sqrt(M)``) is
+    far below any useful Adam step or initial guide SD."""
+    sites = [n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()]
+    return poutine.reparam(model, config={name: LocScaleReparam(centered=0.0) for name in sites})
+
+
+def _draw_from_guide(
+    guide: Callable,
+    fitted_model: Callable,
+    data: NLMEData,
+    names: list[str],
+    num_draws: int,
+    model_kwargs: dict,
+) -> dict[str, torch.Tensor]:
+    """``num_draws`` joint draws of the model's latent sites ``names`` (centred), full data,
+    each ``[1, num_draws, *shape]``: the guide's draw replayed through the fitted model."""
+    draws: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for _ in range(num_draws):
+            guide_trace = poutine.trace(guide).get_trace(data, subsample_size=None, **model_kwargs)
+            trace = poutine.trace(poutine.replay(fitted_model, trace=guide_trace)).get_trace(
+                data, subsample_size=None, **model_kwargs
+            )
+            for name in draws:
+                draws[name].append(trace.nodes[name]["value"].detach())
+    return {name: torch.stack(values)[None] for name, values in draws.items()}
+
+
+def fit_svi(
+    model: Callable,
+    data: NLMEData,
+    config: SVIConfig = SVIConfig(),
+    *,
+    model_name: str | None = None,
+    model_kwargs: dict | None = None,
+) -> FitResult:
+    """Fit ``model`` to ``data`` by SVI and export the fitted guide's draws.
+
+    :raises NonFiniteError: on a non-finite loss or gradient (the last finite state is saved
+        to ``checkpoint_path`` when one is given).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    data = data.to(config.device)
+    batch_size = config.batch_size
+    if batch_size is not None and batch_size >= data.n_varieties:
+        batch_size = None
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    structure = model_structure(model, data, **model_kwargs)
+    fitted_model = noncentred_marker_effects(model, structure)
+    guide = build_guide(
+        config.guide,
+        fitted_model,
+        data,
+        model_structure(fitted_model, data, **model_kwargs),
+        rank=config.rank,
+        **({"hidden": config.encoder_hidden} if config.guide == "amortized" else {}),
+    )
+    elbo_class = JitTrace_ELBO if config.jit else Trace_ELBO
+    elbo = elbo_class(num_particles=config.num_particles, ignore_jit_warnings=True)
+    optim = _optimizer(config)
+    kwargs = {"subsample_size": batch_size, **model_kwargs}
+    guide(data, **kwargs)  # creates the parameters
+    training = _Training()
+    checkpoint = Path(config.checkpoint_path) if config.checkpoint_path else None
+    if config.resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, optim)
+        training = _Training(state["step"], state["losses"], state["seconds"])
+    # Distribution argument checks cost a third of a step at this size; the model was traced
+    # with validation on (model_structure) and non-finite values are caught at every step.
+    with pyro.validation_enabled(False):
+        _train(fitted_model, guide, elbo, optim, data, kwargs, config, training, checkpoint)
+
+    samples = _draw_from_guide(
+        guide, fitted_model, data, list(structure.latent), config.num_draws, model_kwargs
+    )
+    history = pd.DataFrame(
+        {
+            "step": range(1, len(training.losses) + 1),
+            "loss": training.losses,
+            "seconds": training.seconds,
+        }
+    )
+    idata = to_inference_data(
+        model,
+        data,
+        samples,
+        engine="svi",
+        settings={**dataclasses.asdict(config), "steps_run": training.step},
+        seed=config.seed,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        structure=structure,
+        extra_groups={"training_history": _history_dataset(history)},
+    )
+    summary_sites = [
+        name
+        for name, info in structure.population.items()
+        if MARKER_PLATE not in info.plate_dims.values()
+    ]
+    warnings = []
+    if training.step >= config.max_steps and config.stopping is not None:
+        warnings.append(
+            f"stopped at the step budget ({config.max_steps}) before the ELBO plateau rule "
+            "was met: raise --max-steps or check the history"
+        )
+    return FitResult(
+        inference_data=idata,
+        engine="svi",
+        population_summary=posterior_table(idata, summary_sites),
+        history=history,
+        warnings=warnings,
+    )
+
+
+def _train(
+    model: Callable,
+    guide: Callable,
+    elbo: Trace_ELBO,
+    optim: ClippedAdam,
+    data: NLMEData,
+    kwargs: dict,
+    config: SVIConfig,
+    training: _Training,
+    checkpoint: Path | None,
+) -> None:
+    """Run steps until the plateau rule or the budget, updating ``training`` in place."""
+
+    def save(path: Path) -> None:
+        save_checkpoint(
+            path,
+            optim,
+            step=training.step,
+            losses=training.losses,
+            seconds=training.seconds,
+            config=dataclasses.asdict(config),
+        )
+
+    progress = tqdm(
+        total=config.max_steps,
+        initial=training.step,
+        disable=not config.progress,
+        desc="SVI",
+        unit="step",
+    )
+    started = time.perf_counter() - (training.seconds[-1] if training.seconds else 0.0)
+    while training.step < config.max_steps:
+        with poutine.trace(param_only=True) as capture:
+            loss = elbo.loss_and_grads(model, guide, data, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        grad_norms = torch.stack([p.grad.norm() for p in params if p.grad is not None])
+        if not (math.isfinite(loss) and torch.isfinite(grad_norms).all()):
+            _stop_on_nonfinite(model, guide, data, kwargs, loss, training.step, checkpoint, save)
+        optim(params)
+        zero_grads(params)
+        training.step += 1
+        training.losses.append(float(loss))
+        training.seconds.append(time.perf_counter() - started)
+        progress.update()
+        if training.step % 50 == 0:
+            progress.set_postfix(elbo=f"{-loss:.4g}")
+        if checkpoint is not None and config.checkpoint_every:
+            if training.step % config.checkpoint_every == 0:
+                save(checkpoint)
+        if config.stopping is not None and config.stopping.converged(training.losses):
+            break
+    progress.close()
+
+
+def _stop_on_nonfinite(model, guide, data, kwargs, loss, step, checkpoint, save) -> None:
+    store = pyro.get_param_store()
+    names = [
+        store.param_name(param)
+        for param in store._params.values()
+        if param.grad is not None and not torch.isfinite(param.grad).all()
+    ]
+    zero_grads(set(store._params.values()))
+    sites = _nonfinite_sites(model, guide, (data,), kwargs)
+    where = f"site(s) {sites}" if sites else f"gradient of parameter(s) {names[:10]}"
+    kept = ""
+    if checkpoint is not None:
+        path = checkpoint.with_name(checkpoint.stem + "-last-finite" + checkpoint.suffix)
+        save(path)
+        kept = f"; the last finite state is saved to {path}"
+    raise NonFiniteError(f"SVI step {step + 1}: non-finite loss ({loss}) at {where}{kept}")
+
+
+def _history_dataset(history: pd.DataFrame) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "loss": ("step", history["loss"].to_numpy()),
+            "seconds": ("step", history["seconds"].to_numpy()),
+        },
+        coords={"step": history["step"].to_numpy()},
+    )
