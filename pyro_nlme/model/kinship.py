@@ -1,0 +1,178 @@
+"""The kinship (GBLUP) form of Gaussian marker effects: genetic values with the genomic
+relationship matrix as covariance, and the back-solve from genetic values to marker effects.
+
+With ``Z`` the standardised dosages ``[V, M]`` (:meth:`GenotypeMatrix.standardized`) and marker
+effects ``beta[:, k] ~ Normal(0, genetic_sd[k] ** 2 / M * I_M)`` (the effects form,
+:func:`pyro_nlme.model.priors.marker_effects`), the genetic values ``g[:, k] = Z @ beta[:, k]``
+are Gaussian with mean 0 and covariance ``genetic_sd[k] ** 2 * Z Z^T / M = genetic_sd[k] ** 2 *
+K``, ``K`` VanRaden's genomic relationship matrix (``[V, V]``). Sampling ``g`` from that Gaussian
+is the same prior on everything the data see, with ``V`` latents per curve parameter instead of
+``M`` (docs/nuts.md gives the argument). The form used in models is non-centred:
+``g[:, k] = genetic_sd[k] * F @ raw[:, k]`` with ``raw ~ Normal(0, 1)`` and ``F F^T = K``.
+
+``K`` is singular: the columns of ``Z`` are centred over the varieties, so ``K 1 = 0`` (and its
+rank is at most ``min(V - 1, M)``). ``F`` is therefore the symmetric eigen-factor
+``U diag(sqrt(lambda))`` of ``K``, which is exact for a singular ``K``; a Cholesky factor needs
+the ``jitter`` of :func:`genomic_relationship`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_nlme.data import GenotypeMatrix
+
+KINSHIP_COMPONENT_DIM = "kinship_component"
+"""Name of the first dim of the non-centred latent ``{name}_raw``: one eigen-direction of ``K``
+per row (not one variety)."""
+DEFAULT_BLOCK_ROWS = 256
+"""Rows of the genotype matrix standardised at once (256 x 60,000 float64 is 123 MB)."""
+RANK_TOLERANCE = 1e-10
+"""Eigenvalues of ``K`` below this fraction of the largest are treated as 0."""
+
+_FACTOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _row_blocks(n_rows: int, block_rows: int, device: torch.device) -> list[torch.Tensor]:
+    return [
+        torch.arange(start, min(start + block_rows, n_rows), device=device)
+        for start in range(0, n_rows, block_rows)
+    ]
+
+
+def genomic_relationship(
+    markers: GenotypeMatrix,
+    jitter: float = 0.0,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """VanRaden's genomic relationship matrix ``K = Z Z^T / M`` (plus ``jitter * I``).
+
+    ``Z`` are the standardised dosages (column means and SDs over all rows of ``markers``,
+    missing genotypes and monomorphic markers 0), ``M`` the number of markers, monomorphic ones
+    included, so that ``K`` is exactly the covariance of ``Z @ beta`` per unit of
+    ``genetic_sd ** 2`` under :func:`pyro_nlme.model.priors.marker_effects`. Its mean diagonal is
+    about ``1 - n_monomorphic / M``. Computed from blocks of ``block_rows`` rows of the int8
+    dosages: no float copy of the whole ``[V, M]`` matrix is made.
+
+    :param markers: genotypes of ``V`` varieties at ``M`` markers.
+    :param jitter: added to the diagonal. ``K`` is singular (``K 1 = 0``), so a Cholesky
+        factorisation needs ``jitter > 0`` (``1e-6`` is enough in float64 and changes the
+        covariance by 1e-6 of its scale); :func:`relationship_factor` does not need it.
+    :param block_rows: rows standardised at once (memory ``2 * block_rows * M`` floats).
+    :param dtype: float type of the computation and of the result.
+    :returns: ``[V, V]`` symmetric positive semi-definite matrix, dimensionless.
+    """
+    n_varieties, n_markers = markers.n_varieties, markers.n_markers
+    device = markers.dosages.device
+    relationship = torch.zeros(n_varieties, n_varieties, dtype=dtype, device=device)
+    blocks = _row_blocks(n_varieties, block_rows, device)
+    for i, rows_i in enumerate(blocks):
+        z_i = markers.standardized(rows_i).to(dtype)
+        for rows_j in blocks[: i + 1]:
+            z_j = z_i if rows_j is rows_i else markers.standardized(rows_j).to(dtype)
+            block = z_i @ z_j.T / n_markers
+            relationship[rows_i[:, None], rows_j] = block
+            relationship[rows_j[:, None], rows_i] = block.T
+    if jitter:
+        relationship.diagonal().add_(jitter)
+    return relationship
+
+
+def relationship_factor(relationship: torch.Tensor) -> torch.Tensor:
+    """A square root ``F`` of a relationship matrix, ``F F^T = K``, exact for singular ``K``.
+
+    ``F = U diag(sqrt(lambda))`` from the eigen-decomposition ``K = U diag(lambda) U^T``, with
+    eigenvalues below :data:`RANK_TOLERANCE` times the largest set to 0. Column ``j`` of ``F`` is
+    the ``j``-th eigen-direction of ``K`` (ascending eigenvalues), so a non-centred latent
+    ``raw[j]`` is one principal component of the genetic values: with similar information on
+    every variety these are nearly independent a posteriori, which suits a diagonal mass
+    matrix.
+
+    :param relationship: ``[V, V]`` symmetric positive semi-definite.
+    :returns: ``[V, V]``, same dtype and device.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(relationship)
+    cutoff = RANK_TOLERANCE * eigenvalues.abs().max().clamp(min=torch.finfo(eigenvalues.dtype).tiny)
+    roots = torch.where(eigenvalues > cutoff, eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
+    return eigenvectors * roots
+
+
+def cached_relationship_factor(
+    markers: GenotypeMatrix, dtype: torch.dtype, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """:func:`relationship_factor` of :func:`genomic_relationship`, computed once per genotype
+    matrix (cached on the identity of ``markers.dosages``, released with it) and returned in
+    ``dtype`` on ``device``: a model that calls it at every step pays for ``K`` once.
+
+    :returns: ``[V, V]``.
+    """
+    device = torch.device(device) if device is not None else markers.dosages.device
+    per_matrix = _FACTOR_CACHE.setdefault(markers.dosages, {})
+    key = (dtype, device)
+    if key not in per_matrix:
+        if not per_matrix:
+            per_matrix["float64"] = relationship_factor(genomic_relationship(markers))
+        per_matrix[key] = per_matrix["float64"].to(dtype=dtype, device=device)
+    return per_matrix[key]
+
+
+def kinship_genetic_values(
+    markers: GenotypeMatrix, genetic_sd: torch.Tensor, name: str = "genetic_value"
+) -> torch.Tensor:
+    """Genetic values ``g[:, k] ~ MultivariateNormal(0, genetic_sd[k] ** 2 * K)`` in non-centred
+    form: a population-level latent ``{name}_raw ~ Normal(0, 1)`` ``[V, K]`` (event dims
+    ``(kinship_component, curve_parameter)``) and a deterministic site ``name`` =
+    ``F @ raw * genetic_sd`` ``[V, K]``. Call it outside the variety plate: the genetic values of
+    different varieties are correlated.
+
+    :param markers: genotypes of all ``V`` varieties of the data (phenotyped or not).
+    :param genetic_sd: ``[K]`` genetic SD per curve parameter, in the units of the curve
+        parameters.
+    :returns: ``[V, K]`` genetic values.
+    """
+    factor = cached_relationship_factor(markers, genetic_sd.dtype, genetic_sd.device)
+    n_varieties = factor.shape[0]
+    zero = torch.zeros(n_varieties, genetic_sd.shape[-1], dtype=genetic_sd.dtype)
+    raw = pyro.sample(f"{name}_raw", dist.Normal(zero.to(genetic_sd.device), 1.0).to_event(2))
+    return pyro.deterministic(name, (factor @ raw) * genetic_sd, event_dim=2)
+
+
+def blup_marker_effects(
+    markers: GenotypeMatrix,
+    genetic_value: torch.Tensor,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> torch.Tensor:
+    """Marker effects from genetic values (the BLUP back-solve):
+    ``E[beta | g] = Z^T K^+ g / M``.
+
+    Under the effects form ``beta ~ Normal(0, genetic_sd ** 2 / M)``, ``g = Z beta``:
+    ``Cov(beta, g) = genetic_sd ** 2 Z^T / M`` and ``Var(g) = genetic_sd ** 2 K``, so the
+    conditional mean is ``Z^T K^+ g / M`` whatever ``genetic_sd`` (``K^+`` the pseudo-inverse:
+    ``g`` lies in the range of ``K``). Only a ``V x V`` system is solved; ``Z^T`` is applied in
+    blocks of rows. The map is linear, and ``beta`` is independent of the data given ``g``, so
+    back-solving the posterior mean of ``g`` gives the posterior mean of ``beta`` exactly.
+
+    :param markers: the genotypes the genetic values were defined with (same ``V`` rows).
+    :param genetic_value: ``[V]`` or ``[V, K]`` genetic values, curve-parameter units.
+    :returns: ``[M]`` or ``[M, K]`` marker effects, curve-parameter units per standardised
+        dosage, float64.
+    """
+    relationship = genomic_relationship(markers, block_rows=block_rows)
+    eigenvalues, eigenvectors = torch.linalg.eigh(relationship)
+    cutoff = RANK_TOLERANCE * eigenvalues.abs().max()
+    inverse = torch.where(eigenvalues > cutoff, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
+    values = genetic_value.to(relationship)
+    vector = values.ndim == 1
+    values = values[:, None] if vector else values
+    weights = eigenvectors @ (inverse[:, None] * (eigenvectors.T @ values))
+    effects = torch.zeros(markers.n_markers, values.shape[1], dtype=relationship.dtype)
+    effects = effects.to(relationship.device)
+    for rows in _row_blocks(markers.n_varieties, block_rows, relationship.device):
+        effects += markers.standardized(rows).to(relationship.dtype).T @ weights[rows]
+    effects /= markers.n_markers
+    return effects[:, 0] if vector else effects
