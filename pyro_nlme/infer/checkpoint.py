@@ -27,9 +27,25 @@ def save_checkpoint(path: str | Path, optim: pyro.optim.PyroOptim, **state) -> N
 
 
 def load_checkpoint(path: str | Path, optim: pyro.optim.PyroOptim) -> dict:
-    """Restore the param store, ``optim`` and the RNG states; return the rest of the state."""
+    """Restore the parameters, ``optim`` and the RNG states; return the rest of the state.
+
+    The parameters must exist already (the guide has run once): their values are copied in
+    place, so modules and optimisers that hold them see the restored values.
+
+    :raises ValueError: if the checkpoint's parameters are not those of the current guide.
+    """
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    pyro.get_param_store().set_state(payload.pop("param_store"))
+    saved = payload.pop("param_store")["params"]
+    current = dict(pyro.get_param_store().named_parameters())
+    if set(saved) != set(current):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds other parameters than this model and guide: "
+            f"missing {sorted(set(current) - set(saved))[:5]}, "
+            f"unknown {sorted(set(saved) - set(current))[:5]}"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            current[name].copy_(value)
     optim.set_state(payload.pop("optim"))
     set_rng_state(payload.pop("rng"))
     return payload

@@ -191,7 +191,8 @@ def fit_svi(
     elbo = elbo_class(num_particles=config.num_particles, ignore_jit_warnings=True)
     optim = _optimizer(config)
     kwargs = {"subsample_size": batch_size, **model_kwargs}
-    guide(data, **kwargs)  # creates the parameters
+    with pyro.validation_enabled(False):  # non-finite values are reported at step 1 instead
+        guide(data, **kwargs)  # creates the parameters
     training = _Training()
     checkpoint = Path(config.checkpoint_path) if config.checkpoint_path else None
     if config.resume and checkpoint is not None and checkpoint.exists():
@@ -238,7 +239,7 @@ def fit_svi(
     return FitResult(
         inference_data=idata,
         engine="svi",
-        population_summary=posterior_table(idata, summary_sites),
+        population_summary=posterior_table(idata, summary_sites, diagnostics=False),
         history=history,
         warnings=warnings,
     )
