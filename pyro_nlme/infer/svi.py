@@ -35,7 +35,7 @@ from pyro_nlme.diagnostics.summary import posterior_table
 from pyro_nlme.export import to_inference_data
 from pyro_nlme.infer.checkpoint import load_checkpoint, save_checkpoint
 from pyro_nlme.infer.guides import build_guide
-from pyro_nlme.infer.guides.amortized import MARKER_LAYER
+from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
 from pyro_nlme.infer.result import FitResult
 from pyro_nlme.infer.stopping import PlateauRule
 from pyro_nlme.infer.util import ModelStructure, model_structure
@@ -54,8 +54,11 @@ class SVIConfig:
     :param batch_size: varieties per minibatch (None: all varieties every step).
     :param max_steps: step budget.
     :param lr: initial learning rate; ``lr_final`` the rate reached at ``max_steps``.
-    :param marker_lr_factor: learning-rate factor of the amortised encoder's marker layer (a
-        60,000-wide layer diverges at the rate that suits the rest).
+    :param encoder_lr_factor: learning-rate factor of the amortised encoder's weights (a step
+        of every weight of a layer in the same direction moves its output far more than a step
+        of one variational parameter).
+    :param marker_lr_factor: further factor for the encoder's marker layer (a 60,000-wide layer
+        diverges at the rate that suits the rest).
     :param clip_norm: gradient norm clipping of ClippedAdam.
     :param num_particles: ELBO particles per step.
     :param jit: use ``JitTrace_ELBO`` (needs a fixed batch size; see docs/svi.md).
@@ -76,7 +79,8 @@ class SVIConfig:
     max_steps: int = 5000
     lr: float = 0.01
     lr_final: float = 0.001
-    marker_lr_factor: float = 0.01
+    encoder_lr_factor: float = 0.1
+    marker_lr_factor: float = 0.1
     clip_norm: float = 10.0
     num_particles: int = 1
     jit: bool = False
@@ -96,7 +100,11 @@ def _optimizer(config: SVIConfig) -> ClippedAdam:
     decay = (config.lr_final / config.lr) ** (1.0 / max(config.max_steps, 1))
 
     def per_parameter(module_name: str, param_name: str) -> dict:
-        lr = config.lr * (config.marker_lr_factor if MARKER_LAYER in param_name else 1.0)
+        lr = config.lr
+        if param_name.startswith(ENCODER + "."):
+            lr *= config.encoder_lr_factor
+            if MARKER_LAYER in param_name:
+                lr *= config.marker_lr_factor
         return {"lr": lr, "lrd": decay, "clip_norm": config.clip_norm}
 
     return ClippedAdam(per_parameter)
@@ -280,8 +288,8 @@ def _train(
         with poutine.trace(param_only=True) as capture:
             loss = elbo.loss_and_grads(model, guide, data, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        grad_norms = torch.stack([p.grad.norm() for p in params if p.grad is not None])
-        if not (math.isfinite(loss) and torch.isfinite(grad_norms).all()):
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None])
+        if not (math.isfinite(loss) and finite.all()):
             _stop_on_nonfinite(model, guide, data, kwargs, loss, training.step, checkpoint, save)
         optim(params)
         zero_grads(params)

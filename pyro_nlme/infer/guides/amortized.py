@@ -32,6 +32,8 @@ from pyro_nlme.infer.guides.init import init_to_prior_median
 from pyro_nlme.infer.util import ModelStructure, SiteInfo
 from pyro_nlme.model.convention import CURVE_SITE, VARIETY_DIM, VARIETY_PLATE
 
+ENCODER = "encoder"
+"""Attribute name of the encoder in :class:`AmortizedGuide` (its parameters' name prefix)."""
 MARKER_LAYER = "marker_layer"
 """Name of the encoder's first marker layer (its learning rate is set apart: see SVIConfig)."""
 

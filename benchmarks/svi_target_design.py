@@ -1,0 +1,252 @@
+"""SVI on the full simulated target design: wall time, steps/s, peak memory, recovery of the
+curves and scenario means, and genomic prediction of held-out varieties from markers, beside
+the mean-field guide and a two-stage ridge (GBLUP) baseline.
+
+Each fit runs in its own process (peak memory per fit). Writes a markdown table and a CSV.
+
+    python benchmarks/svi_target_design.py --runs 3 --out docs/svi_benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.optimize
+import torch
+from pyro_nlme_models.g2was import g2was
+
+from pyro_nlme.data import GenotypeMatrix, load_data
+from pyro_nlme.export import package_versions
+from pyro_nlme.infer.svi import SVIConfig, fit_svi
+from pyro_nlme.simulate import DesignConfig, simulate_design
+
+PARAMETERS = ("log_asymptote", "log_rate", "inflection")
+
+
+def simulated(n_varieties: int, n_heldout: int, n_markers: int, seed: int):
+    config = DesignConfig(n_varieties=n_varieties, n_heldout=n_heldout, n_markers=n_markers)
+    sim = simulate_design(config, seed=seed)
+    heldout = sim.truth["heldout"].values
+    genotypes = sim.genotype_table()
+    data = load_data(sim.phenotypes, markers=genotypes[~heldout])
+    return sim, data, genotypes[heldout]
+
+
+def heldout_genetic_values(data, new_genotypes, marker_effect: np.ndarray) -> np.ndarray:
+    """Z_new (standardised with the training moments) @ marker effects: ``[V_new, K]``."""
+    new = torch.as_tensor(new_genotypes.iloc[:, 1:].to_numpy(np.int8))
+    matrix = GenotypeMatrix(
+        new,
+        data.markers.marker_ids,
+        data.markers.mean,
+        data.markers.scale,
+        data.markers.monomorphic,
+        0,
+    )
+    return matrix.standardized_matmul(torch.as_tensor(marker_effect, dtype=torch.float32)).numpy()
+
+
+def correlations(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {
+        f"r_{name}": float(np.corrcoef(predicted[:, k], truth[:, k])[0, 1])
+        for k, name in enumerate(PARAMETERS)
+    }
+
+
+def one_fit(args) -> dict:
+    """One SVI fit and its metrics (run in a child process)."""
+    sim, data, new = simulated(args.varieties, args.heldout, args.markers, args.data_seed)
+    config = SVIConfig(
+        guide=args.guide,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        seed=args.seed,
+        progress=False,
+        num_draws=args.draws,
+    )
+    started = time.perf_counter()
+    result = fit_svi(g2was, data, config)
+    wall = time.perf_counter() - started
+    posterior = result.inference_data.posterior
+    truth = sim.truth
+    curve = posterior["curve"].mean(("chain", "draw")).values
+    true_curve = truth["noise_free_curve"].sel(variety=data.variety_ids).values
+    present = data.plant_mask.numpy()
+    fitted, target = curve[present], true_curve[present]
+    r2 = 1 - ((fitted - target) ** 2).sum() / ((target - target.mean()) ** 2).sum()
+    means = posterior["scenario_mean"]
+    low, high = means.quantile([0.05, 0.95], ("chain", "draw")).values
+    true_means = truth["scenario_mean"].values
+    covered = (low <= true_means) & (true_means <= high)
+    effect = posterior["marker_effect"].mean(("chain", "draw")).values
+    predicted = heldout_genetic_values(data, new, effect)
+    heldout_truth = truth["genetic_value"].sel(variety=list(new["variety"])).values
+    return {
+        "guide": args.guide,
+        "seed": args.seed,
+        "wall_s": wall,
+        "steps": len(result.history),
+        "steps_per_s": len(result.history) / result.history["seconds"].iloc[-1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "curve_r2": float(r2),
+        "scenario_mean_coverage_90": float(covered.mean()),
+        "scenario_means_covered": f"{int(covered.sum())}/{covered.size}",
+        **correlations(predicted, heldout_truth),
+    }
+
+
+def _log_logistic(t, log_asymptote, log_rate, inflection):
+    return log_asymptote + np.log(scipy.special.expit(np.exp(log_rate) * (t - inflection)))
+
+
+def two_stage_ridge(sim, data, new) -> dict:
+    """Stage 1: least-squares logistic fit (log scale) per variety x scenario, centred per
+    scenario and averaged over scenarios. Stage 2: kernel ridge on standardised markers with
+    the penalty chosen by exact leave-one-out error; predict the held-out varieties."""
+    phenotypes = sim.phenotypes.dropna(subset=["value"])
+    phenotypes = phenotypes[phenotypes["value"] > 0]
+    estimates = np.full((data.n_varieties, data.n_scenarios, 3), np.nan)
+    position = {v: i for i, v in enumerate(data.variety_ids)}
+    scenario = {s: i for i, s in enumerate(data.scenario_names)}
+    start = (np.log(phenotypes["value"].max()), np.log(0.3), 10.0)
+    for (variety, name), rows in phenotypes.groupby(["variety", "scenario"]):
+        t, y = rows["time"].to_numpy(), np.log(rows["value"].to_numpy())
+        fit = scipy.optimize.least_squares(
+            lambda p, t=t, y=y: _log_logistic(t, *p) - y, start, method="lm"
+        )
+        estimates[position[variety], scenario[name]] = fit.x
+    centred = estimates - np.nanmean(estimates, axis=0, keepdims=True)
+    per_variety = np.nanmean(centred, axis=1)
+    z = data.markers.standardized().double().numpy()
+    kernel = z @ z.T / z.shape[1]
+    eigenvalues, eigenvectors = np.linalg.eigh(kernel)
+    best = None
+    for penalty in np.logspace(-3, 3, 25):
+        hat = eigenvectors @ np.diag(eigenvalues / (eigenvalues + penalty)) @ eigenvectors.T
+        residual = (per_variety - hat @ per_variety) / (1 - np.diag(hat))[:, None]
+        loo = float((residual**2).sum())
+        if best is None or loo < best[0]:
+            best = (loo, penalty)
+    penalty = best[1]
+    alpha = np.linalg.solve(kernel + penalty * np.eye(len(kernel)), per_variety)
+    new_z = _standardised(data, new)
+    predicted = new_z @ z.T / z.shape[1] @ alpha
+    heldout_truth = sim.truth["genetic_value"].sel(variety=list(new["variety"])).values
+    return {
+        "guide": "two-stage ridge",
+        "ridge_penalty": penalty,
+        **correlations(predicted, heldout_truth),
+    }
+
+
+def _standardised(data, new) -> np.ndarray:
+    dosages = new.iloc[:, 1:].to_numpy(np.float64)
+    mean = data.markers.mean.double().numpy()
+    scale = data.markers.scale.double().numpy()
+    values = (dosages - mean) / scale
+    values[:, data.markers.monomorphic.numpy()] = 0.0
+    return values
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A pipe table (without the optional ``tabulate`` dependency of ``DataFrame.to_markdown``)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if np.isnan(value) else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--varieties", type=int, default=250)
+    parser.add_argument("--heldout", type=int, default=50)
+    parser.add_argument("--markers", type=int, default=60_000)
+    parser.add_argument("--data-seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="amortised fits (seeds 0..runs-1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=5000)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--out", default="docs/svi_benchmark.md")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(one_fit(args)))
+        return
+    common = [
+        "--varieties",
+        str(args.varieties),
+        "--heldout",
+        str(args.heldout),
+        "--markers",
+        str(args.markers),
+        "--data-seed",
+        str(args.data_seed),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-steps",
+        str(args.max_steps),
+        "--lr",
+        str(args.lr),
+        "--draws",
+        str(args.draws),
+    ]
+    runs = [("amortized", seed) for seed in range(args.runs)] + [("normal", 0)]
+    rows = []
+    for guide, seed in runs:
+        command = [sys.executable, __file__, "--single", "--guide", guide, "--seed", str(seed)]
+        output = subprocess.run(command + common, check=True, capture_output=True, text=True)
+        rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    sim, data, new = simulated(args.varieties, args.heldout, args.markers, args.data_seed)
+    rows.append(two_stage_ridge(sim, data, new))
+    table = pd.DataFrame(rows)
+    out = Path(args.out)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    amortized = table[table["guide"] == "amortized"]
+    lines = [
+        "# SVI on the simulated target design",
+        "",
+        f"Command: `python benchmarks/svi_target_design.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Design: {args.varieties} varieties x 3 scenarios x 2 plants x 21 days, "
+        f"{args.markers} markers, {args.heldout} held-out varieties (markers only); "
+        f"batch {args.batch_size}, lr {args.lr}, at most {args.max_steps} steps.",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads; versions: {json.dumps(package_versions())}",
+        "",
+        f"Amortised guide, median of {len(amortized)} runs: wall "
+        f"{amortized['wall_s'].median():.0f} s, {amortized['steps_per_s'].median():.1f} "
+        f"steps/s, peak RSS {amortized['peak_rss_mb'].median():.0f} MB.",
+        "",
+        markdown_table(table),
+        "",
+        "r_*: correlation between predicted and true genetic values of the held-out "
+        "varieties, per curve parameter. curve_r2: posterior mean curves of the fitted "
+        "variety x scenario x plant combinations against the true noise-free curves. "
+        "scenario_mean_coverage_90: share of the 9 scenario means inside their 90% "
+        "posterior intervals.",
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
