@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pyro_nlme.data.errors import DataError
@@ -132,77 +130,144 @@ def rename_columns(table: Table, column_map: Mapping[str, str]) -> Table:
     return Table(frame, table.source, table.is_file)
 
 
+def count_rows(source: TableSource) -> int:
+    """Data rows of a table (an upper bound for CSV: lines after the header), read cheaply so
+    that a reader can fill one preallocated array instead of concatenating blocks."""
+    if isinstance(source, pd.DataFrame):
+        return len(source)
+    path = Path(source)
+    if path.suffix.lower() == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    lines = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            lines += chunk.count(b"\n")
+            last = chunk
+    ends_with_newline = lines and last.endswith(b"\n")
+    return lines - 1 + (0 if ends_with_newline else 1)
+
+
 def iter_marker_row_blocks(
     source: TableSource, block_rows: int = 256
 ) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
     """Stream a wide genotype table in blocks of rows without materialising a float matrix.
 
+    Files are parsed by pyarrow (markers as float32, only an empty cell missing) and each
+    block goes to numpy in one call (``RecordBatch.to_tensor``), never through a 60,000-column
+    pandas frame.
+
     :param source: CSV or Parquet path, or a ``DataFrame``; first column ``variety``, then one
         column per marker.
-    :yields: ``(marker_ids, variety_ids, block)`` with ``block`` float64 of shape
+    :yields: ``(marker_ids, variety_ids, block)`` with ``block`` float of shape
         ``[rows_in_block, n_markers]`` (NaN = missing), for the caller to check and cast.
-    :raises DataError: if the first column is not ``variety``, a column name is duplicated or a
-        dosage is not a number.
+    :raises DataError: if the first column is not ``variety``, a column name is duplicated, an
+        id is empty or a dosage is not a number.
     """
     if isinstance(source, pd.DataFrame):
         names = [str(c) for c in source.columns]
         where = "table 'DataFrame'"
-        batches: Iterator[pd.DataFrame] = iter([source])
+        blocks = iter([(source.iloc[:, 0], lambda: _numeric_block(source, where))])
     else:
         path = Path(source)
         if not path.is_file():
             raise DataError(f"file {str(path)!r} does not exist")
         names = [str(c) for c in _file_header(path)]
         where = f"file {str(path)!r}"
-        batches = _file_batches(path, names, block_rows)
+        blocks = _file_blocks(path, names, block_rows, where)
     _check_unique_columns(names, where)
     if not names or names[0] != "variety":
         raise DataError(f"{where}: the first column must be 'variety', got {names[:1]}")
-    for frame in batches:
-        ids = frame.iloc[:, 0].astype("string").str.strip()
+    for raw_ids, block in blocks:
+        ids = pd.Series(raw_ids).astype("string").str.strip()
         empty = np.flatnonzero((ids.isna() | (ids == "")).to_numpy())
         if len(empty):
             raise DataError(f"{where}, column 'variety': empty variety id in row {empty[0] + 1}")
-        yield names[1:], ids.astype(str).tolist(), _numeric_block(frame, where)
+        yield names[1:], ids.astype(str).tolist(), block()
 
 
-def _file_batches(path: Path, names: list[str], block_rows: int) -> Iterator[pd.DataFrame]:
-    """Blocks of about ``block_rows`` rows; markers parsed as float32 (only an empty cell is
-    missing), ids as text."""
-    if path.suffix.lower() == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
-            yield batch.to_pandas()
+def _csv_row(line: bytes, n_markers: int, line_number: int, names: list[str], where: str):
+    """``(id, dosages float32 [n_markers])`` of one CSV data line.
+
+    Fast path: an unquoted id, then single-digit cells separated by commas, read as bytes with
+    no per-cell Python work. Any other line (empty cells, spaces, ``1.0``, quotes) goes through
+    the ``csv`` module, cell by cell.
+    """
+    text = line.rstrip(b"\r\n")
+    comma = text.find(b",")
+    payload = np.frombuffer(text, np.uint8)[comma + 1 :]
+    if (
+        comma > 0
+        and not text.startswith(b'"')
+        and len(payload) == 2 * n_markers - 1
+        and (payload[1::2] == ord(",")).all()
+    ):
+        digits = payload[::2]
+        if ((digits >= ord("0")) & (digits <= ord("9"))).all():
+            return text[:comma].decode("utf-8"), (digits - ord("0")).astype(np.float32)
+    row = next(csv.reader([text.decode("utf-8")]))
+    if len(row) != n_markers + 1:
+        raise DataError(
+            f"{where}, line {line_number}: {len(row)} cells, the header has {n_markers + 1}"
+        )
+    values = np.full(n_markers, np.nan, np.float32)
+    for column, cell in enumerate(row[1:]):
+        cell = cell.strip()
+        if not cell:
+            continue
+        number = pd.to_numeric(cell, errors="coerce")
+        if pd.isna(number):
+            raise DataError(
+                f"{where}, column {names[column + 1]!r}, line {line_number}, variety "
+                f"{row[0].strip()!r}: dosage {cell!r} is not a number (expected 0, 1 or 2, "
+                "or an empty cell for a missing genotype)"
+            )
+        values[column] = number
+    return row[0], values
+
+
+def _csv_blocks(path: Path, names: list[str], block_rows: int, where: str):
+    """``(ids, block())`` per ``block_rows`` data lines of a genotype CSV."""
+    n_markers = len(names) - 1
+    with open(path, "rb") as handle:
+        handle.readline()  # header, read by _file_header
+        line_number = 1
+        while True:
+            ids, rows = [], []
+            for line in handle:
+                line_number += 1
+                if not line.strip():
+                    continue
+                variety, values = _csv_row(line, n_markers, line_number, names, where)
+                ids.append(variety)
+                rows.append(values)
+                if len(rows) == block_rows:
+                    break
+            if not rows:
+                return
+            block = np.stack(rows)
+            yield ids, lambda block=block: block
+
+
+def _file_blocks(path: Path, names: list[str], block_rows: int, where: str):
+    """``(ids, block())`` per block of rows; ``block()`` gives the markers as numpy."""
+    if path.suffix.lower() != ".parquet":
+        yield from _csv_blocks(path, names, block_rows, where)
         return
-    types = {name: pa.float32() for name in names[1:]}
-    types[names[0]] = pa.string()
-    convert = pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False)
-    # A row of single-digit dosages takes about 2 bytes a marker.
-    read = pa_csv.ReadOptions(block_size=max(block_rows * (2 * len(names) + 64), 1 << 16))
-    try:
-        with pa_csv.open_csv(path, read_options=read, convert_options=convert) as reader:
-            for batch in reader:
-                yield batch.to_pandas()
-    except pa.ArrowInvalid as error:
-        found = re.search(r"column #(\d+)", str(error))
-        if found is None:
-            raise DataError(f"file {str(path)!r}: {error}") from error
-        raise _bad_dosage_error(path, names, int(found.group(1))) from error
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
+        markers = batch.select(range(1, batch.num_columns))
+        if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in markers.schema.types):
+            columns = [column.cast(pa.float32()) for column in markers.columns]
+            uniform = pa.RecordBatch.from_arrays(columns, names=markers.schema.names)
 
+            def block(uniform=uniform) -> np.ndarray:
+                return np.asarray(uniform.to_tensor(null_to_nan=True, row_major=True))
 
-def _bad_dosage_error(path: Path, names: list[str], column: int) -> DataError:
-    """Find the first non-numeric cell of ``column`` (an error path: the file is re-read)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = csv.reader(handle)
-        next(rows)
-        for line, row in enumerate(rows, start=2):
-            cell = row[column].strip() if column < len(row) else ""
-            if cell and pd.isna(pd.to_numeric(cell, errors="coerce")):
-                return DataError(
-                    f"file {str(path)!r}, column {names[column]!r}, line {line}, variety "
-                    f"{row[0].strip()!r}: dosage {cell!r} is not a number (expected 0, 1 or 2, "
-                    "or an empty cell for a missing genotype)"
-                )
-    return DataError(f"file {str(path)!r}, column {names[column]!r}: unreadable dosages")
+        else:  # text in a marker column: find and name the bad cell
+
+            def block(batch=batch) -> np.ndarray:
+                return _numeric_block(batch.to_pandas(), where)
+
+        yield batch.column(0).to_pandas(), block
 
 
 def _numeric_block(frame: pd.DataFrame, where: str) -> np.ndarray:

@@ -24,7 +24,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import xarray as xr
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.reparam import LocScaleReparam
 from pyro.infer.util import zero_grads
 from pyro.optim import ClippedAdam
@@ -61,7 +61,6 @@ class SVIConfig:
         diverges at the rate that suits the rest).
     :param clip_norm: gradient norm clipping of ClippedAdam.
     :param num_particles: ELBO particles per step.
-    :param jit: use ``JitTrace_ELBO`` (needs a fixed batch size; see docs/svi.md).
     :param stopping: the plateau rule (None: run ``max_steps``).
     :param num_draws: posterior draws exported from the fitted guide.
     :param checkpoint_every: steps between checkpoints (0: none).
@@ -83,7 +82,6 @@ class SVIConfig:
     marker_lr_factor: float = 0.1
     clip_norm: float = 10.0
     num_particles: int = 1
-    jit: bool = False
     stopping: PlateauRule | None = field(default_factory=PlateauRule)
     num_draws: int = 200
     checkpoint_every: int = 0
@@ -195,8 +193,7 @@ def fit_svi(
         rank=config.rank,
         **({"hidden": config.encoder_hidden} if config.guide == "amortized" else {}),
     )
-    elbo_class = JitTrace_ELBO if config.jit else Trace_ELBO
-    elbo = elbo_class(num_particles=config.num_particles, ignore_jit_warnings=True)
+    elbo = Trace_ELBO(num_particles=config.num_particles)
     optim = _optimizer(config)
     kwargs = {"subsample_size": batch_size, **model_kwargs}
     with pyro.validation_enabled(False):  # non-finite values are reported at step 1 instead

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pyarrow
 import pytest
 import torch
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import xarray as xr
 from pyro.infer import Predictive
-from pyro_nlme_models.g2was import CURVE_PARAMETERS, g2was
-from pyro_nlme_models.orange import orange
 
 from pyro_nlme.data import load_data
 from pyro_nlme.export import OBSERVATION_DIM, to_inference_data
 from pyro_nlme.infer.util import model_structure
 from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import CURVE_PARAMETERS, g2was
+from pyro_nlme_models.orange import orange
 
 matplotlib.use("Agg")
 

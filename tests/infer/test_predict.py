@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pyro_nlme_models.g2was import g2was
 
 from pyro_nlme.data import DataError, load_data
 from pyro_nlme.infer.predict import predict_new_varieties
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import g2was
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 import torch
 import xarray as xr
 from pyro.infer import Trace_ELBO
-from pyro_nlme_models.g2was import g2was
 
 import pyro_nlme.infer.svi as svi_module
 from pyro_nlme.data import load_data
@@ -22,6 +21,7 @@ from pyro_nlme.infer.svi import NonFiniteError, SVIConfig, fit_svi, noncentred_m
 from pyro_nlme.infer.util import model_structure
 from pyro_nlme.model import observe, plant_plate, scenario_plate, time_plate, variety_plate
 from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import g2was
 
 QUICK = dict(stopping=None, progress=False, num_draws=8)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from pyro.infer import Predictive
 from pyro.poutine.util import site_is_subsample
-from pyro_nlme_models.g2was import g2was
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.util import model_structure
+from pyro_nlme_models.g2was import g2was
 
 N_VARIETIES, N_SCENARIOS, N_PLANTS, N_TIMES, N_MARKERS = 30, 3, 2, 21, 500
 

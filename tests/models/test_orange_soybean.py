@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.distributions as td
 from pyro.poutine.util import site_is_subsample
-from pyro_nlme_models.orange import orange
-from pyro_nlme_models.soybean import soybean
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.util import model_structure
+from pyro_nlme_models.orange import orange
+from pyro_nlme_models.soybean import soybean
 
 
 def sample_values(trace) -> dict[str, torch.Tensor]:
