@@ -80,18 +80,15 @@ def g2was(
     :param marker_form: with markers, ``"effects"`` samples the marker effects ``[M, K]``;
         ``"kinship"`` samples the genetic values ``[V, K]`` from their exact marginal
         ``Normal(0, genetic_sd ** 2 K)`` (GBLUP, :mod:`pyro_nlme.model.kinship`): the same
-        distribution of the data, ``V`` instead of ``M`` latents per curve parameter, no
-        subsampling (the varieties are correlated).
+        distribution of the data, ``V`` instead of ``M`` latents per curve parameter. The
+        genetic values are correlated across varieties, but their non-centred latents are
+        population-level, so the variety plate can still be subsampled: given them, varieties
+        are independent.
     :returns: the observations ``[B, S, P, T]`` (sampled when ``data.values`` is None).
     """
     if marker_form not in ("effects", "kinship"):
         raise ValueError(f"marker_form must be 'effects' or 'kinship', got {marker_form!r}")
     kinship = data.markers is not None and marker_form == "kinship"
-    if kinship and subsample_size is not None:
-        raise ValueError(
-            "marker_form='kinship' cannot be subsampled: the genetic values of all varieties "
-            "are jointly Gaussian (use marker_form='effects' or subsample_size=None)"
-        )
     scale = GrowthScale.of(data)
     centre, spread = scale.logistic_centre, scale.logistic_spread
     n_scenarios = data.n_scenarios

@@ -16,6 +16,10 @@ MISSING_DOSAGE = -1
 """int8 code of a missing genotype (imputed to the marker mean when standardised)."""
 
 
+_FLOAT_BLOCK_CACHE: dict[str, tuple] = {}
+"""One entry: the last float conversion of a minibatch (see ``GenotypeMatrix._float_block``)."""
+
+
 @dataclass(frozen=True)
 class GenotypeMatrix:
     """Allele dosages of ``n_varieties`` varieties at ``n_markers`` SNPs.
@@ -115,12 +119,24 @@ class GenotypeMatrix:
         :param rows: positions in this matrix (None: all).
         :returns: ``[len(rows), K]``.
         """
-        block = self._block(rows)
+        values = self._float_block(rows, weights.dtype)
         scaled = weights / self.scale[:, None].to(weights)
-        values = block.to(weights.dtype)
-        if self.n_imputed:
-            values = torch.where(block == MISSING_DOSAGE, self.mean.to(weights), values)
         return values @ scaled - self.mean.to(weights) @ scaled
+
+    def _float_block(self, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The rows as floats, missing genotypes at the marker mean. The last result is kept
+        while the same row-index tensor comes back (model and guide of one SVI step share the
+        minibatch's index tensor), so a step converts its minibatch once."""
+        key = (self.dosages, self.rows, rows, dtype)
+        cached = _FLOAT_BLOCK_CACHE.get("last")
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        block = self._block(rows)
+        values = block.to(dtype)
+        if self.n_imputed:
+            values = torch.where(block == MISSING_DOSAGE, self.mean.to(dtype), values)
+        _FLOAT_BLOCK_CACHE["last"] = (key, values)
+        return values
 
     def take(self, rows: torch.Tensor | np.ndarray) -> GenotypeMatrix:
         """The same markers and standardisation for a subset of rows (no copy of dosages)."""

@@ -102,6 +102,10 @@ def predict_new_varieties(
     attrs = idata.posterior.attrs
     model, model_name = resolve_model(attrs["model"])
     model_kwargs = json.loads(attrs["model_kwargs"])
+    if model_kwargs.get("marker_form") == "kinship":
+        # The fit carries back-solved marker effects (kinship.attach_marker_effects): new
+        # varieties are predicted through the equivalent effects form.
+        model_kwargs["marker_form"] = "effects"
     variety_ids, genotypes = _training_markers(idata, markers)
     data = prediction_design(idata, variety_ids, genotypes)
     structure = model_structure(model, data, **model_kwargs)

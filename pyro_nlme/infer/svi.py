@@ -38,7 +38,8 @@ from pyro_nlme.infer.guides import build_guide
 from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
 from pyro_nlme.infer.result import FitResult
 from pyro_nlme.infer.stopping import PlateauRule
-from pyro_nlme.infer.util import ModelStructure, model_structure
+from pyro_nlme.infer.util import ModelStructure, model_structure, summary_sites
+from pyro_nlme.model.kinship import attach_marker_effects
 from pyro_nlme.model.priors import MARKER_PLATE
 
 
@@ -230,11 +231,8 @@ def fit_svi(
         structure=structure,
         extra_groups={"training_history": _history_dataset(history)},
     )
-    summary_sites = [
-        name
-        for name, info in structure.population.items()
-        if MARKER_PLATE not in info.plate_dims.values()
-    ]
+    if data.markers is not None and model_kwargs.get("marker_form") == "kinship":
+        attach_marker_effects(idata, data.markers)
     warnings = []
     if training.step >= config.max_steps and config.stopping is not None:
         warnings.append(
@@ -244,7 +242,9 @@ def fit_svi(
     return FitResult(
         inference_data=idata,
         engine="svi",
-        population_summary=posterior_table(idata, summary_sites, diagnostics=False),
+        population_summary=posterior_table(
+            idata, summary_sites(model, structure), diagnostics=False
+        ),
         history=history,
         warnings=warnings,
     )

@@ -161,3 +161,18 @@ def replay(
         predictive=stack(predictive),
         deterministic={name: stack(values) for name, values in deterministic.items()},
     )
+
+
+PER_UNIT_DIMS = ("marker", "variety", "kinship_component")
+"""Dims of population-level sites that hold one value per marker or per variety."""
+
+
+def summary_sites(model: Callable, structure: ModelStructure) -> list[str]:
+    """Population-level sites for a printed summary: those without a per-marker or
+    per-variety dim (marker effects and kinship-form genetic values are left out)."""
+    declared = model_event_dims(model)
+    return [
+        name
+        for name, info in structure.population.items()
+        if not set(PER_UNIT_DIMS) & (set(info.plate_dims.values()) | set(declared.get(name, ())))
+    ]

@@ -31,10 +31,14 @@ KINSHIP_COMPONENT_DIM = "kinship_component"
 per row (not one variety)."""
 DEFAULT_BLOCK_ROWS = 256
 """Rows of the genotype matrix standardised at once (256 x 60,000 float64 is 123 MB)."""
-RANK_TOLERANCE = 1e-10
-"""Eigenvalues of ``K`` below this fraction of the largest are treated as 0."""
+RANK_TOLERANCE = 1e-6
+"""In the back-solve, eigenvalues of ``K`` below this fraction of the largest are treated as 0:
+the float32 standardisation of the dosages leaves ``K 1`` at about 1e-7 instead of 0, and
+inverting that direction would only amplify rounding."""
 
-_FACTOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FACTOR_CACHE: dict[int, dict] = {}
+"""id of a dosage tensor -> {(dtype, device): factor}; an entry is dropped when its tensor is
+freed (tensors compare elementwise, so a WeakKeyDictionary cannot hold them)."""
 
 
 def _row_blocks(n_rows: int, block_rows: int, device: torch.device) -> list[torch.Tensor]:
@@ -87,7 +91,7 @@ def relationship_factor(relationship: torch.Tensor) -> torch.Tensor:
     """A square root ``F`` of a relationship matrix, ``F F^T = K``, exact for singular ``K``.
 
     ``F = U diag(sqrt(lambda))`` from the eigen-decomposition ``K = U diag(lambda) U^T``, with
-    eigenvalues below :data:`RANK_TOLERANCE` times the largest set to 0. Column ``j`` of ``F`` is
+    negative rounding of zero eigenvalues set to 0. Column ``j`` of ``F`` is
     the ``j``-th eigen-direction of ``K`` (ascending eigenvalues), so a non-centred latent
     ``raw[j]`` is one principal component of the genetic values: with similar information on
     every variety these are nearly independent a posteriori, which suits a diagonal mass
@@ -97,9 +101,7 @@ def relationship_factor(relationship: torch.Tensor) -> torch.Tensor:
     :returns: ``[V, V]``, same dtype and device.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(relationship)
-    cutoff = RANK_TOLERANCE * eigenvalues.abs().max().clamp(min=torch.finfo(eigenvalues.dtype).tiny)
-    roots = torch.where(eigenvalues > cutoff, eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
-    return eigenvectors * roots
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt()
 
 
 def cached_relationship_factor(
@@ -112,13 +114,16 @@ def cached_relationship_factor(
     :returns: ``[V, V]``.
     """
     device = torch.device(device) if device is not None else markers.dosages.device
-    per_matrix = _FACTOR_CACHE.setdefault(markers.dosages, {})
-    key = (dtype, device)
-    if key not in per_matrix:
-        if not per_matrix:
-            per_matrix["float64"] = relationship_factor(genomic_relationship(markers))
-        per_matrix[key] = per_matrix["float64"].to(dtype=dtype, device=device)
-    return per_matrix[key]
+    key = id(markers.dosages)
+    if key not in _FACTOR_CACHE:
+        exact = relationship_factor(genomic_relationship(markers))
+        _FACTOR_CACHE[key] = {(exact.dtype, exact.device): exact}
+        weakref.finalize(markers.dosages, _FACTOR_CACHE.pop, key, None)
+    per_matrix = _FACTOR_CACHE[key]
+    exact = next(iter(per_matrix.values()))
+    if (dtype, device) not in per_matrix:
+        per_matrix[(dtype, device)] = exact.to(dtype=dtype, device=device)
+    return per_matrix[(dtype, device)]
 
 
 def kinship_genetic_values(
@@ -152,8 +157,9 @@ def blup_marker_effects(
 
     Under the effects form ``beta ~ Normal(0, genetic_sd ** 2 / M)``, ``g = Z beta``:
     ``Cov(beta, g) = genetic_sd ** 2 Z^T / M`` and ``Var(g) = genetic_sd ** 2 K``, so the
-    conditional mean is ``Z^T K^+ g / M`` whatever ``genetic_sd`` (``K^+`` the pseudo-inverse:
-    ``g`` lies in the range of ``K``). Only a ``V x V`` system is solved; ``Z^T`` is applied in
+    conditional mean is ``Z^T K^+ g / M`` whatever ``genetic_sd`` (``K^+`` the pseudo-inverse,
+    eigenvalues below :data:`RANK_TOLERANCE` of the largest dropped: ``g`` lies in the range of
+    ``K``). Only a ``V x V`` system is solved; ``Z^T`` is applied in
     blocks of rows. The map is linear, and ``beta`` is independent of the data given ``g``, so
     back-solving the posterior mean of ``g`` gives the posterior mean of ``beta`` exactly.
 
@@ -176,3 +182,26 @@ def blup_marker_effects(
         effects += markers.standardized(rows).to(relationship.dtype).T @ weights[rows]
     effects /= markers.n_markers
     return effects[:, 0] if vector else effects
+
+
+def attach_marker_effects(idata, markers: GenotypeMatrix, name: str = "genetic_value") -> None:
+    """Add the back-solved ``marker_effect`` draws ``[chain, draw, marker, curve_parameter]``
+    to a kinship-form fit's posterior (one linear solve for all draws), so that varieties never
+    phenotyped can be predicted from their markers (``pyro-nlme predict``). Each draw is
+    ``E[beta | g]`` for that draw's genetic values: the conditional variance of ``beta`` given
+    ``g`` is not added, so predictive intervals of new varieties are too narrow by the part of
+    their genetic variance not explained by relationship with the training varieties.
+
+    :param idata: InferenceData whose posterior has ``name`` with dims
+        ``(chain, draw, variety, curve_parameter)`` over the varieties of ``markers``.
+    """
+    genetic = idata.posterior[name]
+    n_chains, n_draws, n_varieties, n_parameters = genetic.shape
+    columns = torch.as_tensor(genetic.values).permute(2, 0, 1, 3).reshape(n_varieties, -1)
+    effects = blup_marker_effects(markers, columns)
+    effects = effects.reshape(markers.n_markers, n_chains, n_draws, n_parameters)
+    idata.posterior["marker_effect"] = (
+        ("chain", "draw", "marker", genetic.dims[-1]),
+        effects.permute(1, 2, 0, 3).to(torch.float32).cpu().numpy(),
+    )
+    idata.posterior = idata.posterior.assign_coords(marker=list(markers.marker_ids))

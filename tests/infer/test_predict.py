@@ -55,3 +55,23 @@ def test_prediction_is_reproducible(fitted_and_new):
     first = predict_new_varieties(fit, new, seed=3).posterior["curve"].values
     second = predict_new_varieties(fit, new, seed=3).posterior["curve"].values
     assert torch.equal(torch.as_tensor(first), torch.as_tensor(second))
+
+
+def test_kinship_form_fit_carries_marker_effects_for_prediction():
+    sim = simulate_design(DesignConfig(n_varieties=12, n_heldout=3, n_markers=60, n_days=8), 8)
+    genotypes = sim.genotype_table()
+    heldout = sim.truth["heldout"].values
+    data = load_data(sim.phenotypes, markers=genotypes[~heldout])
+    config = SVIConfig(batch_size=4, max_steps=15, stopping=None, progress=False, num_draws=4)
+    fit = fit_svi(g2was, data, config, model_kwargs={"marker_form": "kinship"}).inference_data
+    posterior = fit.posterior
+    # Back-solved effects reproduce every draw's genetic values: Z Z^T K^+ g / M = g.
+    for draw in range(4):
+        effects = torch.as_tensor(posterior["marker_effect"].values[0, draw])
+        np.testing.assert_allclose(
+            data.markers.standardized_matmul(effects).numpy(),
+            posterior["genetic_value"].values[0, draw],
+            atol=1e-4,
+        )
+    prediction = predict_new_varieties(fit, genotypes[heldout])
+    assert prediction.posterior["curve"].sizes["variety"] == 3

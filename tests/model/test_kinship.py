@@ -10,9 +10,9 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import pytest
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import GenotypeMatrix
 from pyro_nlme.data.genotypes import MISSING_DOSAGE
@@ -161,9 +161,7 @@ def test_blup_back_solve_of_the_kinship_posterior_is_the_effects_posterior_mean(
     # The back-solve reproduces the genetic values and is the minimum-norm solution.
     z = standardized(markers)
     torch.testing.assert_close(z @ back_solved, genetic_mean, rtol=0, atol=1e-10)
-    torch.testing.assert_close(
-        back_solved, torch.linalg.pinv(z) @ genetic_mean, rtol=0, atol=1e-7
-    )
+    torch.testing.assert_close(back_solved, torch.linalg.pinv(z) @ genetic_mean, rtol=0, atol=1e-7)
     torch.testing.assert_close(
         blup_marker_effects(markers, genetic_mean[:, 0]), back_solved[:, 0], rtol=0, atol=1e-12
     )
@@ -208,10 +206,13 @@ def test_g2was_kinship_form_sites_and_prior_covariance(simulated):
         )
 
 
-def test_g2was_kinship_form_refuses_subsampling_and_unknown_forms(simulated):
+def test_g2was_kinship_form_subsamples_varieties_and_refuses_unknown_forms(simulated):
     from pyro_nlme_models.g2was import g2was
 
-    with pytest.raises(ValueError, match="cannot be subsampled"):
-        poutine.trace(g2was).get_trace(simulated, subsample_size=2, marker_form="kinship")
+    # The non-centred latents are population-level: given them the varieties are independent,
+    # so the variety plate can be subsampled; the genetic values of all varieties are computed.
+    trace = poutine.trace(g2was).get_trace(simulated, subsample_size=2, marker_form="kinship")
+    assert trace.nodes["genetic_value"]["value"].shape == (6, 3)
+    assert trace.nodes["obs"]["value"].shape[0] == 2
     with pytest.raises(ValueError, match="marker_form"):
         poutine.trace(g2was).get_trace(simulated, marker_form="gblup")

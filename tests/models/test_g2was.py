@@ -218,16 +218,16 @@ def test_model_runs_on_the_simulated_phenotype_csv(tmp_path, simulated_design):
 def test_marker_form_is_checked(simulated_data):
     with pytest.raises(ValueError, match="marker_form"):
         poutine.trace(g2was).get_trace(simulated_data, marker_form="ridge")
-    with pytest.raises(ValueError, match="cannot be subsampled"):
-        poutine.trace(g2was).get_trace(simulated_data, subsample_size=5, marker_form="kinship")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="kinship.cached_relationship_factor keys a WeakKeyDictionary by a tensor: the "
-    "lookup compares tensors ('Boolean value of Tensor ... is ambiguous')",
-)
+def test_kinship_form_subsamples_with_population_level_raw_values(simulated_data):
+    trace = poutine.trace(g2was).get_trace(simulated_data, subsample_size=5, marker_form="kinship")
+    n = simulated_data.n_varieties
+    assert trace.nodes["genetic_value_raw"]["value"].shape == (n, 3)
+    assert not trace.nodes["genetic_value_raw"]["cond_indep_stack"]
+    assert trace.nodes["variety_scenario_effect"]["value"].shape[0] == 5
+
+
 def test_kinship_form_shapes(simulated_data):
     trace = poutine.trace(g2was).get_trace(simulated_data, marker_form="kinship")
     shapes = sample_shapes(trace)

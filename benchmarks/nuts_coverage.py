@@ -1,0 +1,182 @@
+"""Coverage of NUTS 90% intervals on small simulated designs, over repeated seeds.
+
+For each seed: simulate a small design (``pyro_nlme.simulate``), fit ``g2was`` in kinship form by
+NUTS, and check whether the equal-tailed 90% posterior interval of each target covers the truth.
+Targets are what the data identify: the curve parameters of every plant (``individual_parameter``
+of the truth, ``scenario_mean + genetic_value + variety_scenario_effect (+ plant_effect)`` in the
+model) and the noise SD. Writes ``docs/benchmarks/nuts_coverage.csv`` (one row per seed and
+target type) and ``docs/benchmarks/nuts_coverage.md`` (rates with Monte-Carlo errors).
+
+The Monte-Carlo error of a rate is given two ways: binomial (targets independent) and clustered
+by seed (SD of the per-seed rates / sqrt(seeds)); the second is the honest one, since the
+targets of one data set share their population parameters.
+
+Usage::
+
+    python benchmarks/nuts_coverage.py --seeds 20 --varieties 6 --warmup 200 --samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from pyro_nlme.data import load_data
+from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts
+from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import g2was
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+PROBABILITY = 0.9
+
+
+def curve_parameters(posterior: xr.Dataset) -> xr.DataArray:
+    """Posterior draws of every plant's curve parameters
+    ``[chain, draw, variety, scenario, plant, curve_parameter]``."""
+    phi = (posterior["scenario_mean"] + posterior["genetic_value"]) + posterior.get(
+        "variety_scenario_effect", 0.0
+    )
+    if "plant_effect" in posterior:
+        phi = phi + posterior["plant_effect"]
+    else:
+        phi = phi.expand_dims(plant=[1], axis=-2)
+    return phi.transpose("chain", "draw", "variety", "scenario", "plant", "curve_parameter")
+
+
+def covered(draws: xr.DataArray, truth: np.ndarray) -> np.ndarray:
+    """Whether the equal-tailed :data:`PROBABILITY` interval of each scalar covers the truth."""
+    tail = (1 - PROBABILITY) / 2
+    lower = draws.quantile(tail, dim=("chain", "draw")).values
+    upper = draws.quantile(1 - tail, dim=("chain", "draw")).values
+    return (lower <= truth) & (truth <= upper)
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
+    design = DesignConfig(
+        n_varieties=args.varieties,
+        n_markers=args.markers,
+        n_plants=args.plants,
+        n_days=args.days,
+        n_chromosomes=min(19, args.markers),
+    )
+    sim = simulate_design(design, seed=seed)
+    data = load_data(sim.phenotypes, markers=sim.genotype_table())
+    config = NUTSConfig(
+        chains=args.chains, warmup=args.warmup, samples=args.samples, seed=seed, progress=False
+    )
+    start = time.perf_counter()
+    fit = fit_nuts(g2was, data, config, model_kwargs={"marker_form": "kinship"})
+    wall = time.perf_counter() - start
+    posterior = fit.inference_data.posterior
+    stats = fit.inference_data.sample_stats
+    phi = curve_parameters(posterior)
+    truth_phi = sim.truth["individual_parameter"].transpose(
+        "variety", "scenario", "plant", "curve_parameter"
+    )
+    plant_present = data.plant_mask.numpy()[..., None]
+    phi_covered = covered(phi, truth_phi.values)[np.broadcast_to(plant_present, phi.shape[2:])]
+    noise_covered = covered(posterior["noise_sd"], np.asarray(sim.truth["noise_sd"]))
+    common = {
+        "seed": seed,
+        "wall_s": wall,
+        "divergences": int(stats["diverging"].sum()),
+        "max_r_hat": float(fit.population_summary["r_hat"].max()),
+    }
+    return [
+        {
+            **common,
+            "target": "plant curve parameters",
+            "n": phi_covered.size,
+            "covered": int(phi_covered.sum()),
+        },
+        {**common, "target": "noise_sd", "n": 1, "covered": int(noise_covered.sum())},
+    ]
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table (floats with 3 decimals), without the optional ``tabulate`` dependency."""
+
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
+    lines.append("|" + "---|" * len(frame.columns))
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines)
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Coverage rate per target type with binomial and seed-clustered Monte-Carlo errors."""
+    out = []
+    for target, group in rows.groupby("target", sort=False):
+        n, k = group["n"].sum(), group["covered"].sum()
+        rate = k / n
+        per_seed = group["covered"] / group["n"]
+        out.append(
+            {
+                "target": target,
+                "seeds": len(group),
+                "intervals": int(n),
+                "coverage": rate,
+                "mc_error_binomial": float(np.sqrt(rate * (1 - rate) / n)),
+                "mc_error_by_seed": float(per_seed.std(ddof=1) / np.sqrt(len(group)))
+                if len(group) > 1
+                else float("nan"),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--varieties", type=int, default=6)
+    parser.add_argument("--markers", type=int, default=60)
+    parser.add_argument("--plants", type=int, default=1)
+    parser.add_argument("--days", type=int, default=12)
+    parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        rows += run_seed(seed, args)
+        frame = pd.DataFrame(rows)
+        frame.to_csv(OUT / "nuts_coverage.csv", index=False)
+        print(
+            f"seed {seed}: {rows[-2]['covered']}/{rows[-2]['n']} plant parameters, "
+            f"noise {'in' if rows[-1]['covered'] else 'out'}, {rows[-1]['wall_s']:.0f} s",
+            flush=True,
+        )
+    summary = summarise(pd.DataFrame(rows))
+    frame = pd.DataFrame(rows)
+    lines = [
+        "# NUTS 90% interval coverage on small simulated designs",
+        "",
+        f"Command: `python benchmarks/nuts_coverage.py --seeds {args.seeds} "
+        f"--first-seed {args.first_seed} --varieties {args.varieties} --markers {args.markers} "
+        f"--plants {args.plants} --days {args.days} --chains {args.chains} "
+        f"--warmup {args.warmup} --samples {args.samples}`",
+        "",
+        f"g2was in kinship form; nominal {PROBABILITY:.0%} equal-tailed intervals. Divergences "
+        f"over all fits: {int(frame.groupby('seed')['divergences'].first().sum())}; "
+        f"largest population r_hat: {frame['max_r_hat'].max():.3f}; "
+        f"median wall time per fit: {frame.groupby('seed')['wall_s'].first().median():.0f} s.",
+        "",
+        markdown_table(summary),
+        "",
+    ]
+    (OUT / "nuts_coverage.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
