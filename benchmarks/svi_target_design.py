@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import scipy.optimize
 import torch
-from pyro_nlme_models.g2was import g2was
 
 from pyro_nlme.data import GenotypeMatrix, load_data
 from pyro_nlme.export import package_versions
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import g2was
 
 PARAMETERS = ("log_asymptote", "log_rate", "inflection")
 

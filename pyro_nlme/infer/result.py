@@ -29,5 +29,12 @@ class FitResult:
     def report(self) -> str:
         """The text the command line prints."""
         lines = [f"engine: {self.engine}", self.population_summary.to_string()]
+        attrs = self.population_summary.attrs
+        if "-2LL" in attrs:  # maximum-likelihood engines (SAEM, MCEM)
+            error = attrs.get("-2LL_mcse", float("nan"))
+            lines.append(
+                f"-2LL {attrs['-2LL']:.3f} (Monte-Carlo SE {error:.3f}), "
+                f"AIC {attrs['AIC']:.3f}, BIC {attrs['BIC']:.3f}"
+            )
         lines += [f"warning: {message}" for message in self.warnings]
         return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""SAEM benchmark: Orange against the exact maximum likelihood, Orange and Soybean against
+pynlme's saemix-style SAEM (if installed: ``pip install pynlme``, benchmark only), wall times
+side by side. Writes ``docs/saem_benchmark.md``.
+
+    PYTHONPATH=... python benchmarks/saem_orange_soybean.py   # full settings (~12 min, 2 cores)
+    python benchmarks/saem_orange_soybean.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pyro_nlme.data import load_orange, load_soybean
+from pyro_nlme.data.bundled import bundled_path
+from pyro_nlme.export.inference_data import package_versions
+from pyro_nlme.infer.saem import SAEMConfig, fit_saem, log_likelihood_at
+from pyro_nlme.reference import exact_mle, marginal_log_likelihood
+from pyro_nlme_models.orange import orange
+from pyro_nlme_models.soybean import soybean
+
+ORANGE = ("asymptote", "inflection", "scale", "asymptote_sd", "noise_sd")
+
+
+def pynlme_version() -> str | None:
+    try:
+        import pynlme
+    except ImportError:
+        return None
+    return getattr(pynlme, "__version__", "installed")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def ours(model, data, config, **kwargs):
+    result, seconds = timed(lambda: fit_saem(model, data, config, model_kwargs=kwargs))
+    return result.population_summary.set_index("parameter"), seconds
+
+
+# -- pynlme (saemix interface) -------------------------------------------------------------
+
+
+def pynlme_orange(iterations, chains, seed):
+    from pynlme import r
+
+    frame = pd.read_csv(bundled_path("Orange.csv"))
+    data = r.saemixData({c: frame[c].to_numpy() for c in frame}, "Tree", ["age"], "circumference")
+
+    def logistic(psi, id, xidep):  # noqa: A002 (saemix's signature)
+        return psi[id, 0] / (1 + np.exp(-(xidep[:, 0] - psi[id, 1]) / psi[id, 2]))
+
+    model = r.saemixModel(
+        logistic,
+        {"Asym": 200.0, "xmid": 700.0, "scal": 350.0},
+        covariance_model=np.diag([1.0, 0.0, 0.0]),
+        error_model="constant",
+    )
+    control = {"nbiter.saemix": iterations, "nb.chains": chains, "seed": seed}
+    fit, seconds = timed(lambda: r.saemix(model, data, control))
+    omega = np.asarray(fit["omega"], dtype=float)
+    return (
+        {
+            "asymptote": fit["population"]["Asym"],
+            "inflection": fit["population"]["xmid"],
+            "scale": fit["population"]["scal"],
+            "asymptote_sd": float(np.sqrt(omega[0, 0])),
+            "noise_sd": fit["respar"]["a.1"],
+            "-2LL": -2 * fit["logLik"],
+        },
+        {
+            "asymptote": fit["se_population"]["Asym"],
+            "inflection": fit["se_population"]["xmid"],
+            "scale": fit["se_population"]["scal"],
+        },
+        seconds,
+    )
+
+
+def pynlme_soybean(iterations, chains, seed):
+    from pynlme import r
+
+    frame = pd.read_csv(bundled_path("Soybean.csv"))
+    columns = {
+        "Plot": frame["Plot"].astype(str).to_numpy(),
+        "Time": frame["Time"].to_numpy(float),
+        "weight": frame["weight"].to_numpy(float),
+        "VarietyP": (frame["Variety"] == "P").to_numpy(float),
+        "Year1989": (frame["Year"] == 1989).to_numpy(float),
+        "Year1990": (frame["Year"] == 1990).to_numpy(float),
+    }
+    covariates = ["VarietyP", "Year1989", "Year1990"]
+    data = r.saemixData(columns, "Plot", ["Time"], "weight", covariates)
+
+    def logistic(psi, id, xidep):  # noqa: A002
+        return psi[id, 0] / (1 + np.exp(-(xidep[:, 0] - psi[id, 1]) / psi[id, 2]))
+
+    model = r.saemixModel(
+        logistic,
+        {"Asym": 19.0, "xmid": 55.0, "scal": 8.0},
+        transform_par=[1, 0, 1],
+        covariate_model={p: covariates for p in ("Asym", "xmid", "scal")},
+        covariance_model=np.ones((3, 3)),
+        error_model="proportional",
+    )
+    control = {"nbiter.saemix": iterations, "nb.chains": chains, "seed": seed}
+    fit, seconds = timed(lambda: r.saemix(model, data, control))
+    out = {
+        "intercept[log_asymptote]": np.log(fit["population"]["Asym"]),
+        "intercept[inflection]": fit["population"]["xmid"],
+        "intercept[log_scale]": np.log(fit["population"]["scal"]),
+    }
+    names = {"Asym": "log_asymptote", "xmid": "inflection", "scal": "log_scale"}
+    labels = {"VarietyP": "Variety[P]", "Year1989": "Year[1989]", "Year1990": "Year[1990]"}
+    for p, ours_name in names.items():
+        for c, label in labels.items():
+            out[f"covariate_effect[{label},{ours_name}]"] = fit["covariate_effects"][
+                f"beta_{c}({p})"
+            ]
+    omega = np.asarray(fit["omega"], dtype=float)
+    sd = np.sqrt(np.diag(omega))
+    order = list(names.values())
+    for k, name in enumerate(order):
+        out[f"random_effect_sd[{name}]"] = sd[k]
+    for i in range(3):
+        for j in range(i):
+            out[f"random_effect_corr[{order[i]},{order[j]}]"] = omega[i, j] / (sd[i] * sd[j])
+    out["noise_cv"] = fit["respar"]["b.1"]
+    out["-2LL"] = -2 * fit["logLik"]
+    corr = omega / np.outer(sd, sd)
+    effects = np.array(
+        [[out[f"covariate_effect[{label},{p}]"] for p in order] for label in labels.values()]
+    )
+    values = {
+        "intercept": [out[f"intercept[{p}]"] for p in order],
+        "covariate_effect": effects,
+        "random_effect_sd": sd,
+        "random_effect_corr": np.linalg.cholesky(corr),
+        "noise_cv": out["noise_cv"],
+    }
+    return out, values, seconds
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def markdown(frame: pd.DataFrame, digits: int = 6) -> str:
+    def cell(x):
+        if isinstance(x, float | np.floating):
+            return f"{x:.{digits}g}" if np.isfinite(x) else ""
+        return str(x)
+
+    header = "| " + " | ".join([frame.index.name or ""] + list(frame.columns)) + " |"
+    rule = "|" + "---|" * (len(frame.columns) + 1)
+    rows = [
+        "| " + " | ".join([str(i)] + [cell(v) for v in row]) + " |" for i, row in frame.iterrows()
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    parser.add_argument("--out", default="docs/saem_benchmark.md")
+    args = parser.parse_args()
+    iterations = (60, 40) if args.quick else (300, 200)
+    chains = 2
+    importance = 1024 if args.quick else 5000
+    sections = []
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # Orange: exact, ours (saemix's settings and an accurate setting), pynlme.
+    data = load_orange()
+    exact = exact_mle(data)
+    saemix_like = SAEMConfig(iterations=iterations, chains=chains, progress=False, seed=1)
+    accurate = SAEMConfig(
+        iterations=(200, 300), chains=50, progress=False, seed=1, importance_samples=importance
+    )
+    table_default, t_default = ours(orange, data, saemix_like)
+    table_accurate, t_accurate = ours(orange, data, accurate)
+    rows = {}
+    for p in ORANGE:
+        se = exact.standard_error[p]
+        rows[p] = {
+            "exact": exact.estimate[p],
+            "exact SE": se,
+            f"ours C={chains}": table_default.loc[p, "estimate"],
+            f"ours C={chains} (diff/SE)": (table_default.loc[p, "estimate"] - exact.estimate[p])
+            / se,
+            "ours C=50": table_accurate.loc[p, "estimate"],
+            "ours C=50 (diff/SE)": (table_accurate.loc[p, "estimate"] - exact.estimate[p]) / se,
+            "ours C=50 SE": table_accurate.loc[p, "se"],
+            "ours C=50 SE/exact": table_accurate.loc[p, "se"] / se,
+        }
+    rows["-2LL"] = {
+        "exact": exact.minus_two_log_likelihood,
+        f"ours C={chains}": table_default.attrs["-2LL"],
+        "ours C=50": table_accurate.attrs["-2LL"],
+        "ours C=50 (diff/SE)": np.nan,
+    }
+    times = {f"ours SAEM C={chains}": t_default, "ours SAEM C=50": t_accurate}
+    version = pynlme_version()
+    if version:
+        estimate, se, t_pynlme = pynlme_orange(iterations, chains, seed=1)
+        for p in ORANGE:
+            rows[p]["pynlme"] = estimate[p]
+            rows[p]["pynlme (diff/SE)"] = (estimate[p] - exact.estimate[p]) / exact.standard_error[
+                p
+            ]
+        rows["-2LL"]["pynlme"] = estimate["-2LL"]
+        exact_at_pynlme = marginal_log_likelihood(
+            torch.tensor([estimate[p] for p in ORANGE], dtype=torch.float64), data
+        )
+        rows["-2LL (exact, at this estimate)"] = {
+            "exact": exact.minus_two_log_likelihood,
+            f"ours C={chains}": -2
+            * float(
+                marginal_log_likelihood(
+                    torch.tensor([table_default.loc[p, "estimate"] for p in ORANGE]), data
+                )
+            ),
+            "ours C=50": -2
+            * float(
+                marginal_log_likelihood(
+                    torch.tensor([table_accurate.loc[p, "estimate"] for p in ORANGE]), data
+                )
+            ),
+            "pynlme": -2 * float(exact_at_pynlme),
+        }
+        times[f"pynlme saemix C={chains}"] = t_pynlme
+    orange_frame = pd.DataFrame(rows).T
+    orange_frame.index.name = "parameter"
+    sections.append(
+        "## Orange: random asymptote per tree, against the exact maximum likelihood\n\n"
+        f"SAEM iterations {iterations} (saemix's settings: {chains} chains) and (200, 300) with "
+        "50 chains; diff/SE = (estimate - exact) / exact SE.\n\n" + markdown(orange_frame)
+    )
+
+    # Soybean: ours vs pynlme, proportional error (saemix has no power-of-mean model).
+    soy = load_soybean()
+    soy_config = SAEMConfig(
+        iterations=iterations, chains=chains, progress=False, seed=1, importance_samples=importance
+    )
+    soy_table, t_soy = ours(soybean, soy, soy_config, likelihood="proportional")
+    times[f"ours SAEM Soybean C={chains}"] = t_soy
+    soy_frame = pd.DataFrame({"ours": soy_table["estimate"], "ours SE": soy_table["se"]})
+    soy_frame.loc["-2LL", "ours"] = soy_table.attrs["-2LL"]
+    if version:
+        estimate, values, t_pynlme_soy = pynlme_soybean(iterations, chains, seed=1)
+        soy_frame["pynlme"] = pd.Series(estimate)
+        # Both estimates on the same likelihood: ours, by importance sampling.
+        at_pynlme = log_likelihood_at(
+            soybean,
+            soy,
+            values,
+            model_kwargs={"likelihood": "proportional"},
+            importance_samples=importance,
+        )
+        soy_frame.loc["-2LL (our IS at this estimate)", "ours"] = soy_table.attrs["-2LL"]
+        soy_frame.loc["-2LL (our IS at this estimate)", "pynlme"] = at_pynlme.minus_two
+        soy_frame["diff/SE"] = (soy_frame["ours"] - soy_frame["pynlme"]) / soy_frame["ours SE"]
+        times[f"pynlme saemix Soybean C={chains}"] = t_pynlme_soy
+    soy_frame.index.name = "parameter"
+    sections.append(
+        "## Soybean: logistic, three correlated random effects per plot, Variety and Year on "
+        "every parameter, proportional error\n\n"
+        f"Both SAEM, iterations {iterations}, {chains} chains, saemix's kernels (2, 2, 2). "
+        "diff/SE = (ours - pynlme) / our SE.\n\n" + markdown(soy_frame)
+    )
+    time_frame = pd.DataFrame({"wall time (s)": times})
+    time_frame.index.name = "run"
+    sections.append(
+        "## Wall time (whole fit: iterations, standard errors, log-likelihood)\n\n"
+        + markdown(time_frame)
+    )
+
+    versions = package_versions()
+    versions["pynlme"] = version or "not installed"
+    header = (
+        "# SAEM benchmark\n\n"
+        "Written by `benchmarks/saem_orange_soybean.py`"
+        + (" --quick" if args.quick else "")
+        + f". Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
+        f"({platform.platform()}), torch threads {torch.get_num_threads()}; shared with other "
+        "jobs, so wall times are indicative. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ".\n"
+    )
+    text = header + "\n" + "\n\n".join(sections) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

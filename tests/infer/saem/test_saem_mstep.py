@@ -1,0 +1,103 @@
+"""The M-step: what is detected as closed-form, and the closed form equals the numerical
+argmax of the same Monte-Carlo complete-data log-likelihood."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from pyro_nlme.infer.saem import mstep
+from pyro_nlme.infer.saem.common import make_target, reported
+from pyro_nlme.infer.saem.estep import e_step, init_e_step
+from pyro_nlme.infer.saem.joint import JointModel
+from pyro_nlme_models.orange import orange
+from pyro_nlme_models.soybean import soybean
+
+
+def _labels(joint, indices):
+    names = []
+    for b in joint.population:
+        names += [b.name] * b.size
+    return sorted({names[i] for i in indices.tolist()})
+
+
+def test_orange_plan(orange_data):
+    joint = JointModel(orange, orange_data)
+    plan = mstep.analyse(joint, joint.initial_theta())
+    assert _labels(joint, plan.closed_form) == ["asymptote", "asymptote_sd", "noise_sd"]
+    assert _labels(joint, plan.gradient) == ["inflection", "scale"]
+    assert joint.shift is not None and torch.all(joint.shift.coef == 1)
+
+
+def test_soybean_plan(soybean_data):
+    joint = JointModel(soybean, soybean_data)
+    plan = mstep.analyse(joint, joint.initial_theta())
+    assert _labels(joint, plan.closed_form) == [
+        "covariate_effect",
+        "intercept",
+        "random_effect_corr",
+        "random_effect_sd",
+    ]
+    assert _labels(joint, plan.gradient) == ["noise_power", "noise_sd"]
+    # Covariate effects are centred with the plots' covariate values as coefficients.
+    design = joint.data.covariate_design.double()
+    coef = joint.shift.coef
+    assert torch.allclose(coef[:, 3:].reshape(-1, 3, 3)[:, :, 0], design)
+
+
+def test_map_takes_the_gradient_path(orange_data):
+    joint = JointModel(orange, orange_data)
+    plan = mstep.analyse(joint, joint.initial_theta(), map_estimate=True)
+    assert plan.closed_form.numel() == 0 and plan.gradient.numel() == joint.theta_dim
+
+
+def _closed_form_vs_argmax(joint, copies=3, seed=0):
+    torch.manual_seed(seed)
+    theta0 = joint.initial_theta()
+    plan = mstep.analyse(joint, theta0)
+    rows = joint.rows(copies)
+    state = init_e_step(make_target(joint, theta0, rows))
+    for _ in range(20):
+        state, _ = e_step(state, make_target(joint, theta0, rows), "rwm", adapt=True)
+    u = state.position
+    density = joint.log_density(theta0, u, rows)
+    stats = mstep.statistics(plan, u, density, rows, copies, joint.n_varieties)
+    solved = mstep.solve(joint, plan, stats, theta0, int(joint.data.mask.sum()))
+    free = plan.closed_form
+
+    def objective(x, offset=0.0):
+        theta = theta0.clone()
+        theta[free] = torch.as_tensor(x)
+        theta.requires_grad_(True)
+        value = -joint.log_density(theta, u, rows).total.sum() / copies - offset
+        (grad,) = torch.autograd.grad(value, theta)
+        return float(value.detach()), grad[free].numpy()
+
+    # Offset by the value at the closed form, so that the optimiser's relative tolerance
+    # applies to the part of Q that the free parameters change.
+    offset = objective(solved[free].numpy())[0]
+
+    start = solved[free].numpy() + 0.05 * np.random.default_rng(seed).standard_normal(len(free))
+    result = scipy.optimize.minimize(
+        objective,
+        start,
+        args=(offset,),
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-9, "maxiter": 10000},
+    )
+    return 0.0, result, solved, free, reported(joint), theta0
+
+
+@pytest.mark.parametrize("model_name", ["orange", "soybean"])
+def test_closed_form_equals_numerical_argmax(model_name, orange_data, soybean_data):
+    model, data = {"orange": (orange, orange_data), "soybean": (soybean, soybean_data)}[model_name]
+    joint = JointModel(model, data)
+    at_closed_form, numerical, solved, free, report, theta0 = _closed_form_vs_argmax(joint)
+    # The closed form is at least as high as the numerical optimum, and they coincide.
+    assert at_closed_form <= numerical.fun + 1e-8
+    theta = theta0.clone()
+    theta[free] = torch.as_tensor(numerical.x)
+    np.testing.assert_allclose(
+        report.fn(solved).numpy(), report.fn(theta).numpy(), rtol=1e-4, atol=1e-5
+    )
