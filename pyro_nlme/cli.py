@@ -44,11 +44,20 @@ def _load(args: argparse.Namespace) -> NLMEData:
 
 
 def _model_kwargs(model, args: argparse.Namespace) -> dict:
-    if getattr(args, "likelihood", None) is None:
-        return {}
-    if not accepts(model, "likelihood"):
-        raise ValueError(f"model {args.model!r} has no choice of likelihood (--likelihood)")
-    return {"likelihood": args.likelihood}
+    """Model options given on the command line (each only where the model takes it)."""
+    options = {
+        "likelihood": getattr(args, "likelihood", None),
+        "marker_form": getattr(args, "marker_form", None),
+    }
+    kwargs = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if not accepts(model, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"model {args.model!r} has no option {name!r} ({flag})")
+        kwargs[name] = value
+    return kwargs
 
 
 def command_check(args: argparse.Namespace) -> int:
@@ -180,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(fit)
     fit.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     fit.add_argument("--likelihood", help="observation model, where the model offers a choice")
+    fit.add_argument(
+        "--marker-form",
+        choices=["effects", "kinship"],
+        help="g2was: marker effects [M x K] or the equivalent kinship (GBLUP) form [V x K]",
+    )
     fit.add_argument("--method", choices=["svi", "nuts", "saem", "mcem"], default="svi")
     fit.add_argument("--out", required=True, help="InferenceData netCDF file to write")
     fit.add_argument("--seed", type=int, default=0)
