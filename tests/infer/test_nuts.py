@@ -218,10 +218,10 @@ def orange_exact_posterior(data: NLMEData, n_draws: int = 40_000) -> dict[str, n
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured: with 2 x (150 + 150) iterations one chain stayed in the far ridge of the "
-    "vague priors (inflection -5,000, scale 10^4), r_hat 1.2 to 2.1 (docs/nuts.md)",
-    strict=False,
+@pytest.mark.skip(
+    reason="open (issue 4): measured with 2 x (150 + 150) iterations, one chain stayed in the "
+    "far ridge of the vague priors (inflection -5,000, scale 10^4), r_hat 1.2 to 2.1, 448 s "
+    "(docs/nuts.md); as configured here it would take ~10 min of CI without passing"
 )
 def test_orange_posterior_is_the_exact_posterior_whose_mode_is_the_mle():
     from pyro_nlme.reference import exact_mle
