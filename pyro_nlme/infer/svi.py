@@ -204,8 +204,8 @@ def fit_svi(
     if config.resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, optim)
         training = _Training(state["step"], state["losses"], state["seconds"])
-    # Distribution argument checks cost a third of a step at this size; the model was traced
-    # with validation on (model_structure) and non-finite values are caught at every step.
+    # Distribution argument checks cost a third of a step at this size; non-finite losses and
+    # gradients are caught at every step instead, naming the sites.
     with pyro.validation_enabled(False):
         _train(fitted_model, guide, elbo, optim, data, kwargs, config, training, checkpoint)
 
