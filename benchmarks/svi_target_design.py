@@ -75,7 +75,7 @@ def one_fit(args) -> dict:
         num_draws=args.draws,
     )
     started = time.perf_counter()
-    result = fit_svi(g2was, data, config)
+    result = fit_svi(g2was, data, config, model_kwargs={"marker_form": args.marker_form})
     wall = time.perf_counter() - started
     posterior = result.inference_data.posterior
     truth = sim.truth
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--marker-form", choices=["effects", "kinship"], default="effects")
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -207,6 +208,8 @@ def main() -> None:
         str(args.lr),
         "--draws",
         str(args.draws),
+        "--marker-form",
+        args.marker_form,
     ]
     runs = [("amortized", seed) for seed in range(args.runs)] + [("normal", 0)]
     rows = []
