@@ -154,6 +154,8 @@ class AmortizedGuide(PyroModule):
     :param structure: :func:`~pyro_nlme.infer.util.model_structure` of the model.
     :param use_markers: feed the variety's standardised dosages to the encoder.
     :param hidden: encoder width; ``marker_hidden`` width of the marker layer.
+    :param init_scale: initial SD of the population factors (unconstrained scale) and initial
+        relative SD of the individual ones (a fraction of their conditional prior SD).
     """
 
     def __init__(
