@@ -41,18 +41,19 @@ def simulated(n_varieties: int, n_heldout: int, n_markers: int, seed: int):
     return sim, data, genotypes[heldout]
 
 
+def heldout_markers(data, new_genotypes) -> GenotypeMatrix:
+    """The held-out varieties' genotypes, standardised with the training moments."""
+    new = torch.as_tensor(new_genotypes.iloc[:, 1:].to_numpy(np.int8))
+    markers = data.markers
+    return GenotypeMatrix(
+        new, markers.marker_ids, markers.mean, markers.scale, markers.monomorphic, 0
+    )
+
+
 def heldout_genetic_values(data, new_genotypes, marker_effect: np.ndarray) -> np.ndarray:
     """Z_new (standardised with the training moments) @ marker effects: ``[V_new, K]``."""
-    new = torch.as_tensor(new_genotypes.iloc[:, 1:].to_numpy(np.int8))
-    matrix = GenotypeMatrix(
-        new,
-        data.markers.marker_ids,
-        data.markers.mean,
-        data.markers.scale,
-        data.markers.monomorphic,
-        0,
-    )
-    return matrix.standardized_matmul(torch.as_tensor(marker_effect, dtype=torch.float32)).numpy()
+    effect = torch.as_tensor(marker_effect, dtype=torch.float32)
+    return heldout_markers(data, new_genotypes).standardized_matmul(effect).numpy()
 
 
 def correlations(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -139,7 +140,7 @@ def two_stage_ridge(sim, data, new) -> dict:
             best = (loo, penalty)
     penalty = best[1]
     alpha = np.linalg.solve(kernel + penalty * np.eye(len(kernel)), per_variety)
-    new_z = _standardised(data, new)
+    new_z = heldout_markers(data, new).standardized().double().numpy()
     predicted = new_z @ z.T / z.shape[1] @ alpha
     heldout_truth = sim.truth["genetic_value"].sel(variety=list(new["variety"])).values
     return {
@@ -147,15 +148,6 @@ def two_stage_ridge(sim, data, new) -> dict:
         "ridge_penalty": penalty,
         **correlations(predicted, heldout_truth),
     }
-
-
-def _standardised(data, new) -> np.ndarray:
-    dosages = new.iloc[:, 1:].to_numpy(np.float64)
-    mean = data.markers.mean.double().numpy()
-    scale = data.markers.scale.double().numpy()
-    values = (dosages - mean) / scale
-    values[:, data.markers.monomorphic.numpy()] = 0.0
-    return values
 
 
 def markdown_table(table: pd.DataFrame) -> str:
