@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import xarray as xr
@@ -137,9 +138,19 @@ class _Training:
 def noncentred_marker_effects(model: Callable, structure: ModelStructure) -> Callable:
     """``model`` with its per-marker effects non-centred (``LocScaleReparam``): the guide then
     learns unit-scale ``*_decentered`` sites, whose natural scale (``genetic_sd / sqrt(M)``) is
-    far below any useful Adam step or initial guide SD."""
-    sites = [n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()]
-    return poutine.reparam(model, config={name: LocScaleReparam(centered=0.0) for name in sites})
+    far below any useful Adam step or initial guide SD. Only Normal sites are decentred (a
+    horseshoe's half-Cauchy local scales or a spike-and-slab mixture are not location-scale)."""
+    sites = {n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()}
+
+    def config(message: dict) -> LocScaleReparam | None:
+        fn = message["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        if message["name"] in sites and type(fn) is dist.Normal:
+            return LocScaleReparam(centered=0.0)
+        return None
+
+    return poutine.reparam(model, config=config)
 
 
 def _draw_from_guide(

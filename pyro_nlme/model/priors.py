@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyro
-import pyro.distributions as dist
 import torch
 
 from pyro_nlme.data import NLMEData
+from pyro_nlme.model.marker_priors import MARKER_PLATE, ridge_effects
 
-MARKER_PLATE = "marker"
+__all__ = ["MARKER_PLATE", "GrowthScale", "marker_effects"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +68,9 @@ def marker_effects(data: NLMEData, genetic_sd: torch.Tensor, name: str = "marker
     """Gaussian marker effects ``[M, K]``, ``beta[m, k] ~ Normal(0, genetic_sd[k] / sqrt(M))``,
     so that with standardised dosages ``Z`` the genetic values ``Z @ beta`` have variance
     ``genetic_sd ** 2`` (the ridge / GBLUP prior, VanRaden scaling). Sampled in the ``marker``
-    plate (dim -1), outside the variety plate: population-level.
+    plate (dim -1), outside the variety plate: population-level. Other priors:
+    :mod:`pyro_nlme.model.marker_priors`.
 
     :param genetic_sd: ``[K]`` genetic SD per curve parameter.
     """
-    scale = genetic_sd / math.sqrt(data.n_markers)
-    with pyro.plate(MARKER_PLATE, data.n_markers, dim=-1):
-        return pyro.sample(name, dist.Normal(torch.zeros_like(scale), scale).to_event(1))
+    return ridge_effects(data.n_markers, genetic_sd, name)
