@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from pyro_nlme.simulate.effects import simulate_sparse_marker_effects
 from pyro_nlme.simulate.genotypes import Genotypes, dosage_moments, simulate_genotypes
 from pyro_nlme.simulate.phenotypes import (
     CURVE_PARAMETERS,
@@ -95,6 +96,7 @@ class DesignConfig:
     n_shared_qtl: int = 3
     qtl_variance_share: float = 0.4
     qtl_min_maf: float = 0.05
+    sparse_qtl: bool = False
 
     def __post_init__(self) -> None:
         """Validate the configuration.
@@ -127,6 +129,7 @@ class DesignConfig:
             "qtl_variance_share > 0 exactly when n_qtl > 0": (self.qtl_variance_share > 0.0)
             == (self.n_qtl > 0),
             "0 <= qtl_min_maf < 0.5": 0.0 <= self.qtl_min_maf < 0.5,
+            "n_qtl >= 1 when sparse_qtl": self.n_qtl >= 1 or not self.sparse_qtl,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -318,7 +321,10 @@ def simulate_design(config: DesignConfig = DesignConfig(), seed: int = 0) -> Sim
         admixed_fraction=config.admixed_fraction,
     )
     mean, sd = dosage_moments(geno.dosages)
-    effects = simulate_marker_effects(
+    simulate_effects = (
+        simulate_sparse_marker_effects if config.sparse_qtl else simulate_marker_effects
+    )
+    effects = simulate_effects(
         streams[1],
         geno.dosages,
         mean,
@@ -413,6 +419,11 @@ def _truth_dataset(
         ),
         "marker_effect": var(mp, effects["marker_effect"], "effect per standardised dosage"),
         "qtl": var(mp, effects["qtl"], "marker is a large-effect QTL of the parameter"),
+        "qtl_share": var(
+            cp,
+            effects["qtl_genetic_value"].var(axis=0) / effects["genetic_value"].var(axis=0),
+            "realised share of the genetic variance due to the QTL (all varieties)",
+        ),
         "variety_scenario_effect": var(
             ("variety", "scenario", "curve_parameter"),
             params["variety_scenario_effect"],
@@ -469,6 +480,8 @@ def _truth_dataset(
     }
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if isinstance(value, bool):  # netCDF has no boolean attributes
+            value = int(value)
         attrs[field.name] = (
             np.asarray(value, dtype=float) if isinstance(value, tuple | list) else value
         )
