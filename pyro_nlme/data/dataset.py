@@ -11,17 +11,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyro_nlme.data.censoring import Censoring
 from pyro_nlme.data.errors import DataError
 from pyro_nlme.data.genotypes import GenotypeMatrix, read_genotypes
 from pyro_nlme.data.summary import DataSummary
 from pyro_nlme.data.tables import Table, TableSource, parse_column_map, read_table, rename_columns
 from pyro_nlme.data.validation import (
+    censoring_columns,
     check_covariates_constant,
     check_no_duplicate_measurements,
     check_plants_nested,
     check_required_columns,
     numeric_column,
     text_column,
+    trials_column,
 )
 
 DEFAULT_SCENARIO = "all"
@@ -53,6 +56,11 @@ class NLMEData:
         treatment-coded against their first level), or ``[V, 0]``.
     :param covariate_names: column names of ``covariate_design``.
     :param summary: counts of what was read, masked and kept.
+    :param censoring: detection limits of censored values (from the ``cens`` and ``limit``
+        columns), or None when nothing is censored. A censored cell is observed (mask True) and
+        its value is the recorded bound.
+    :param trials: int64 ``[V, S, P, T]`` number of trials of binomial observations (from the
+        ``trials`` column; 1 in padding), or None.
     """
 
     times: torch.Tensor
@@ -67,6 +75,8 @@ class NLMEData:
     covariate_design: torch.Tensor
     covariate_names: list[str]
     summary: DataSummary
+    censoring: Censoring | None = None
+    trials: torch.Tensor | None = None
 
     @property
     def n_varieties(self) -> int:
@@ -117,10 +127,13 @@ class NLMEData:
             plant_ids=self.plant_ids[cpu_rows],
             markers=None if self.markers is None else self.markers.take(rows),
             covariate_design=self.covariate_design[rows],
+            censoring=None if self.censoring is None else self.censoring.take(rows),
+            trials=None if self.trials is None else self.trials[rows],
         )
 
     def without_values(self) -> NLMEData:
-        """The same design with ``values=None``: models then sample the observations."""
+        """The same design with ``values=None``: models then sample the observations (with
+        the same detection limits and numbers of trials, which are part of the design)."""
         return dataclasses.replace(self, values=None)
 
     def with_values(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> NLMEData:
@@ -140,6 +153,8 @@ class NLMEData:
             variety_index=self.variety_index.to(device),
             markers=None if self.markers is None else self.markers.to(device),
             covariate_design=self.covariate_design.to(device),
+            censoring=None if self.censoring is None else self.censoring.to(device),
+            trials=None if self.trials is None else self.trials.to(device),
         )
 
     def standardized_markers(self) -> torch.Tensor:
@@ -182,6 +197,9 @@ def load_data(
 
     :param phenotypes: long table (CSV, Parquet or DataFrame), one row per measurement, columns
         ``variety, [scenario], [plant], time, value``; an empty value is a missing image (masked).
+        Optional: ``cens`` (1 left-, -1 right-censored: the value is the detection limit; 0
+        observed) with ``limit`` (the other bound of an interval-censored value), ``trials``
+        (binomial observations: the value is a number of successes out of ``trials``).
     :param markers: genotype table: ``variety`` then one column per marker (dosage 0/1/2).
     :param covariates: per-variety covariate table with a ``variety`` column.
     :param columns: mapping of canonical names to the table's own, e.g.
@@ -215,6 +233,7 @@ def load_data(
         table, frame, covariates, covariate_columns, categorical, variety_order
     )
     grid = _dense_grid(frame, variety_order, dtype)
+    censored = {} if grid["censoring"] is None else grid["censoring"].counts(grid["mask"])
     summary = DataSummary(
         source=table.source,
         n_rows=len(frame),
@@ -235,6 +254,9 @@ def load_data(
         time_max=float(frame["time"].max()),
         value_min=float(frame["value"].min()),
         value_max=float(frame["value"].max()),
+        n_left_censored=censored.get("left", 0),
+        n_right_censored=censored.get("right", 0),
+        n_interval_censored=censored.get("interval", 0),
     )
     return NLMEData(
         markers=genotypes,
@@ -261,15 +283,23 @@ def _canonical_frame(table: Table) -> pd.DataFrame:
         else pd.Series(DEFAULT_SCENARIO, index=raw.index)
     )
     plant = text_column(table, "plant") if "plant" in raw else variety + "|" + scenario
-    return pd.DataFrame(
+    value = numeric_column(table, "value", variety, allow_missing=True)
+    frame = pd.DataFrame(
         {
             "variety": variety,
             "scenario": scenario,
             "plant": plant,
             "time": numeric_column(table, "time", variety, allow_missing=False),
-            "value": numeric_column(table, "value", variety, allow_missing=True),
+            "value": value,
         }
     ).reset_index(drop=True)
+    censoring = censoring_columns(table, value, variety)
+    if censoring is not None:
+        frame["cens"], frame["lower"], frame["upper"] = censoring
+    trials = trials_column(table, value, variety)
+    if trials is not None:
+        frame["trials"] = trials
+    return frame
 
 
 def _dense_grid(frame: pd.DataFrame, variety_order: list[str], dtype: torch.dtype) -> dict:
@@ -300,7 +330,26 @@ def _dense_grid(frame: pd.DataFrame, variety_order: list[str], dtype: torch.dtyp
     mask[v, s, p, t] = ~np.isnan(value)
     present[v, s, p, t] = True
     plant_ids[v, s, p] = frame["plant"].to_numpy(object)
+    censoring = trials = None
+    if "cens" in frame:
+        code = np.zeros(shape, np.int8)
+        lower = np.full(shape, -np.inf)
+        upper = np.full(shape, np.inf)
+        code[v, s, p, t] = frame["cens"].to_numpy()
+        lower[v, s, p, t] = frame["lower"].to_numpy()
+        upper[v, s, p, t] = frame["upper"].to_numpy()
+        censoring = Censoring(
+            torch.as_tensor(code),
+            torch.as_tensor(lower, dtype=dtype),
+            torch.as_tensor(upper, dtype=dtype),
+        )
+    if "trials" in frame:
+        trials = np.ones(shape, np.int64)
+        trials[v, s, p, t] = frame["trials"].to_numpy()
+        trials = torch.as_tensor(trials)
     return {
+        "censoring": censoring,
+        "trials": trials,
         "times": torch.as_tensor(times, dtype=dtype),
         "values": torch.as_tensor(values, dtype=dtype),
         "mask": torch.as_tensor(mask),

@@ -18,6 +18,9 @@ class DataSummary:
     :param time_min: earliest measurement time; ``time_max`` the latest (time units).
     :param value_min: smallest observed value; ``value_max`` the largest (trait units; NaN when
         nothing is observed).
+    :param n_left_censored: observed values that are upper bounds (``cens`` 1, no ``limit``);
+        ``n_right_censored`` lower bounds (``cens`` -1, no ``limit``); ``n_interval_censored``
+        values known to lie between ``value`` and ``limit``. All are counted in ``n_observed``.
     """
 
     source: str
@@ -39,6 +42,9 @@ class DataSummary:
     time_max: float
     value_min: float
     value_max: float
+    n_left_censored: int = 0
+    n_right_censored: int = 0
+    n_interval_censored: int = 0
 
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -60,6 +66,12 @@ class DataSummary:
             f"  value range                   {self.value_min:g} .. {self.value_max:g}",
             f"  covariate columns             {self.n_covariates}",
         ]
+        if self.n_left_censored or self.n_right_censored or self.n_interval_censored:
+            lines += [
+                f"  left-censored values          {self.n_left_censored}",
+                f"  right-censored values         {self.n_right_censored}",
+                f"  interval-censored values      {self.n_interval_censored}",
+            ]
         if self.n_markers:
             lines += [
                 f"  markers                       {self.n_markers}",

@@ -16,8 +16,9 @@ from pyro_nlme.data.errors import DataError
 
 TableSource = str | Path | pd.DataFrame
 
-PHENOTYPE_COLUMNS = ("variety", "scenario", "plant", "time", "value")
-"""Canonical phenotype columns; ``scenario`` and ``plant`` are optional."""
+PHENOTYPE_COLUMNS = ("variety", "scenario", "plant", "time", "value", "cens", "limit", "trials")
+"""Canonical phenotype columns; ``scenario``, ``plant``, ``cens``, ``limit`` (censoring) and
+``trials`` (binomial observations) are optional."""
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,116 @@ def check_covariates_constant(table: Table, variety: pd.Series, column: str) -> 
             f"{_rows(table, rows)} ({len(varying)} such variety(ies))"
         )
     return values.groupby(variety.to_numpy(), sort=False).first()
+
+
+CENSORING_CODES = (-1, 0, 1)
+"""Values of the ``cens`` column: 1 left-censored, -1 right-censored, 0 observed."""
+
+
+def _integers(numbers: pd.Series) -> np.ndarray:
+    """bool: which cells hold an integer (NaN: no)."""
+    values = numbers.to_numpy()
+    return np.isfinite(values) & (values == np.round(values))
+
+
+def censoring_columns(
+    table: Table, value: pd.Series, variety: pd.Series
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The censoring of each row from the ``cens`` and optional ``limit`` columns (Monolix,
+    nlmixr2): ``cens`` 1, the value is an upper bound (and ``limit``, if given, a lower one);
+    -1, a lower bound (``limit`` an upper one); 0, an exact value.
+
+    :param value: the numeric ``value`` column (NaN: missing image).
+    :returns: ``(code int8, lower, upper)`` per row (bounds ``-inf``/``+inf`` where open), or
+        None without a ``cens`` column.
+    :raises DataError: on a ``limit`` column without ``cens``, a code not in {-1, 0, 1}, a
+        censored row without a value, a limit on an uncensored row or on the wrong side of the
+        value.
+    """
+    frame = table.frame
+    if "cens" not in frame:
+        if "limit" in frame:
+            raise DataError(
+                f"{table.where('limit')}: a limit column needs a cens column (1 left-, -1 right-"
+                "censored, 0 observed)"
+            )
+        return None
+    code = numeric_column(table, "cens", variety, allow_missing=True)
+    raw = frame["cens"].reset_index(drop=True)
+    missing = value.isna().to_numpy()
+    empty = code.isna().to_numpy()
+    bad = np.flatnonzero(~empty & ~np.isin(code.to_numpy(), CENSORING_CODES))
+    if len(bad):
+        raise DataError(
+            f"{table.where('cens')}: censoring code(s) not in {{-1, 0, 1}} at "
+            f"{_cells(table, bad, variety, raw)}"
+        )
+    unset = np.flatnonzero(empty & ~missing)
+    if len(unset):
+        raise DataError(
+            f"{table.where('cens')}: empty censoring code(s) beside a value at "
+            f"{_cells(table, unset, variety, raw)} (0: observed exactly)"
+        )
+    code = np.nan_to_num(code.to_numpy()).astype(np.int8)
+    without_bound = np.flatnonzero((code != 0) & missing)
+    if len(without_bound):
+        raise DataError(
+            f"{table.where('value')}: censored row(s) (cens {code[without_bound[0]]}) without a "
+            f"value, which must hold the detection limit, at "
+            f"{_cells(table, without_bound, variety, raw)}"
+        )
+    values = value.to_numpy()
+    lower = np.where(code == -1, values, -np.inf)
+    upper = np.where(code == 1, values, np.inf)
+    if "limit" in frame:
+        limit = numeric_column(table, "limit", variety, allow_missing=True).to_numpy()
+        raw_limit = frame["limit"].reset_index(drop=True)
+        given = ~np.isnan(limit)
+        on_observed = np.flatnonzero(given & (code == 0))
+        if len(on_observed):
+            raise DataError(
+                f"{table.where('limit')}: limit given on uncensored row(s) (cens 0) at "
+                f"{_cells(table, on_observed, variety, raw_limit)}; leave it empty there"
+            )
+        wrong = given & (((code == 1) & (limit >= values)) | ((code == -1) & (limit <= values)))
+        wrong_rows = np.flatnonzero(wrong)
+        if len(wrong_rows):
+            raise DataError(
+                f"{table.where('limit')}: limit on the wrong side of the value at "
+                f"{_cells(table, wrong_rows, variety, raw_limit)} (cens 1: limit < value, the "
+                "value an upper bound; cens -1: limit > value)"
+            )
+        lower = np.where(given & (code == 1), limit, lower)
+        upper = np.where(given & (code == -1), limit, upper)
+    return code, lower, upper
+
+
+def trials_column(table: Table, value: pd.Series, variety: pd.Series) -> np.ndarray | None:
+    """The number of trials of each row (binomial observations), from a ``trials`` column.
+
+    :param value: the numeric ``value`` column (NaN: missing image).
+    :returns: int64 trials per row (1 where the value is missing), or None without the column.
+    :raises DataError: on a trials cell that is not a positive integer beside a value, or a
+        value that is not an integer in ``0 .. trials``.
+    """
+    if "trials" not in table.frame:
+        return None
+    trials = numeric_column(table, "trials", variety, allow_missing=True)
+    raw = table.frame["trials"].reset_index(drop=True)
+    observed = value.notna().to_numpy()
+    bad = np.flatnonzero(observed & ~(_integers(trials) & (trials.to_numpy() >= 1)))
+    if len(bad):
+        raise DataError(
+            f"{table.where('trials')}: number of trials not a positive integer at "
+            f"{_cells(table, bad, variety, raw)}"
+        )
+    count = value.to_numpy()
+    out_of_range = observed & ~(_integers(value) & (count >= 0) & (count <= trials.to_numpy()))
+    rows = np.flatnonzero(out_of_range)
+    if len(rows):
+        raw_value = table.frame["value"].reset_index(drop=True)
+        raise DataError(
+            f"{table.where('value')}: value(s) not an integer count of successes in 0 .. trials "
+            f"at {_cells(table, rows, variety, raw_value)}"
+        )
+    return np.where(observed, np.nan_to_num(trials.to_numpy(), nan=1.0), 1.0).astype(np.int64)

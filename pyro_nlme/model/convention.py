@@ -23,7 +23,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_nlme.data import NLMEData
+from pyro_nlme.data import DataError, NLMEData
+from pyro_nlme.model.censoring import Censored
 
 VARIETY_PLATE, SCENARIO_PLATE, PLANT_PLATE, TIME_PLATE = "variety", "scenario", "plant", "time"
 VARIETY_DIM, SCENARIO_DIM, PLANT_DIM, TIME_DIM = -4, -3, -2, -1
@@ -55,11 +56,69 @@ def time_plate(data: NLMEData) -> pyro.plate:
 
 def observe(batch: NLMEData, distribution: dist.Distribution) -> torch.Tensor:
     """The observed site ``obs`` for a batch of varieties: scored where ``batch.mask`` is True,
-    sampled everywhere when ``batch.values`` is None. Call it inside the four plates."""
+    sampled everywhere when ``batch.values`` is None. Call it inside the four plates.
+
+    What the data carry is applied here, so every model gets it for free: a binomial
+    distribution takes its number of trials from ``batch.trials``, and where ``batch.censoring``
+    marks censored values a continuous distribution is wrapped in
+    :class:`~pyro_nlme.model.censoring.Censored` (a censored value scores the probability of its
+    interval).
+
+    :raises DataError: if an observed value is outside the distribution's support (e.g. a
+        count that is not a non-negative integer), naming the variety, scenario, plant and time.
+    :raises ValueError: if the data have a ``trials`` column but the distribution is not
+        binomial, or censored values but no CDF.
+    """
+    distribution = _with_trials(batch, distribution)
+    if batch.censoring is not None and batch.censoring.censored.any():
+        censoring = batch.censoring
+        distribution = Censored(
+            distribution,
+            censoring.code,
+            censoring.lower.to(batch.times.dtype),
+            censoring.upper.to(batch.times.dtype),
+        )
     if batch.values is None:
         return pyro.sample(OBSERVED_SITE, distribution.mask(batch.mask))
     values = torch.where(batch.mask, batch.values, torch.full_like(batch.values, MISSING_FILL))
+    _check_support(batch, distribution, values)
     return pyro.sample(OBSERVED_SITE, distribution.mask(batch.mask), obs=values)
+
+
+def _with_trials(batch: NLMEData, distribution: dist.Distribution) -> dist.Distribution:
+    if batch.trials is None:
+        return distribution
+    if not isinstance(distribution, dist.Binomial):
+        raise ValueError(
+            f"the data have a 'trials' column, which only the binomial observation model uses, "
+            f"but the model's distribution is {type(distribution).__name__}"
+        )
+    trials = batch.trials.to(distribution.logits)
+    return dist.Binomial(total_count=trials, logits=distribution.logits)
+
+
+def _check_support(batch: NLMEData, distribution: dist.Distribution, values: torch.Tensor) -> None:
+    inside = distribution.support.check(values)
+    if inside.shape != values.shape:  # a support with event dims checks whole events
+        return
+    outside = batch.mask & ~inside
+    if not outside.any():
+        return
+    cells = outside.nonzero().tolist()
+    shown = ", ".join(
+        f"variety {batch.variety_ids[v]!r}, scenario {batch.scenario_names[s]!r}, plant "
+        f"{batch.plant_ids[v, s, p]!r}, time {float(batch.times[v, s, p, t]):g}: "
+        f"{float(batch.values[v, s, p, t]):g}"
+        for v, s, p, t in cells[:10]
+    )
+    more = f" and {len(cells) - 10} more" if len(cells) > 10 else ""
+    if isinstance(distribution, dist.Binomial) and batch.trials is None:
+        more += " (a binomial takes its numbers of trials from a 'trials' column)"
+    raise DataError(
+        f"{batch.summary.source}, column 'value': {len(cells)} value(s) outside the support of "
+        f"the observation model ({type(distribution).__name__}: {distribution.support}) at "
+        f"{shown}{more}"
+    )
 
 
 def nlme_model(

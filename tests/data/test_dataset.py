@@ -76,6 +76,9 @@ def test_summary_counts(ragged_frame):
         time_max=7.0,
         value_min=1.0,
         value_max=6.0,
+        n_left_censored=0,
+        n_right_censored=0,
+        n_interval_censored=0,
     )
     assert summary.as_dict() == expected
     text = str(summary)

@@ -13,6 +13,7 @@ from pyro_nlme.model.observations import (
     Combined,
     LogNormal,
     Normal,
+    Ordinal,
     Power,
     Proportional,
     observation_model,
@@ -110,9 +111,29 @@ def test_scales_stay_valid_where_the_prediction_underflows():
 
 
 def test_registry_and_unknown_name():
-    assert set(OBSERVATION_MODELS) == {"normal", "lognormal", "proportional", "combined", "power"}
+    assert set(OBSERVATION_MODELS) == {
+        "normal",
+        "lognormal",
+        "proportional",
+        "combined",
+        "power",
+        "student_t",
+        "log_student_t",
+        "poisson",
+        "negative_binomial",
+        "bernoulli",
+        "binomial",
+        "ordinal",
+    }
     assert isinstance(observation_model("power"), Power)
     custom = Combined(noise_scale=2.0)
     assert observation_model(custom) is custom
-    with pytest.raises(ValueError, match="unknown likelihood 'poisson'.*normal"):
-        observation_model("poisson")
+    with pytest.raises(ValueError, match="unknown likelihood 'gamma'.*normal"):
+        observation_model("gamma")
+    assert observation_model("ordinal:4") == Ordinal(4)
+    with pytest.raises(ValueError, match="number of categories, e.g. 'ordinal:5'"):
+        observation_model("ordinal")
+    with pytest.raises(ValueError, match="takes no argument"):
+        observation_model("poisson:3")
+    with pytest.raises(ValueError, match="n_categories >= 2"):
+        observation_model("ordinal:1")
