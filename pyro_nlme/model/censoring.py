@@ -99,12 +99,12 @@ def _log_cdf_and_survival(
 
     :raises ValueError: if the distribution has no CDF.
     """
-    if isinstance(distribution, dist.TransformedDistribution) and _is_exp(distribution):
+    if isinstance(distribution, torch.distributions.TransformedDistribution) and _is_exp(distribution):
         return _log_cdf_and_survival(distribution.base_dist, torch.log(value.clamp(min=0.0)))
-    if isinstance(distribution, dist.Normal):
+    if isinstance(distribution, torch.distributions.Normal):
         z = (value - distribution.loc) / distribution.scale
         return torch.special.log_ndtr(z), torch.special.log_ndtr(-z)
-    if isinstance(distribution, dist.StudentT):
+    if isinstance(distribution, torch.distributions.StudentT):
         z = (value - distribution.loc) / distribution.scale
         return student_t_log_cdf(distribution.df, z), student_t_log_cdf(distribution.df, -z)
     try:
@@ -117,7 +117,7 @@ def _log_cdf_and_survival(
     return torch.log(cdf), torch.log1p(-cdf)
 
 
-def _is_exp(distribution: dist.TransformedDistribution) -> bool:
+def _is_exp(distribution: torch.distributions.TransformedDistribution) -> bool:
     return len(distribution.transforms) == 1 and isinstance(
         distribution.transforms[0], ExpTransform
     )
@@ -126,12 +126,12 @@ def _is_exp(distribution: dist.TransformedDistribution) -> bool:
 def _take(distribution: dist.Distribution, cells: torch.Tensor) -> dist.Distribution | None:
     """The distribution restricted to the cells of a boolean mask of its batch shape (a flat
     batch), or None for a family this module does not know how to restrict."""
-    if isinstance(distribution, dist.TransformedDistribution) and _is_exp(distribution):
+    if isinstance(distribution, torch.distributions.TransformedDistribution) and _is_exp(distribution):
         base = _take(distribution.base_dist, cells)
         return None if base is None else dist.TransformedDistribution(base, ExpTransform())
-    if isinstance(distribution, dist.Normal):
+    if isinstance(distribution, torch.distributions.Normal):
         return dist.Normal(distribution.loc[cells], distribution.scale[cells])
-    if isinstance(distribution, dist.StudentT):
+    if isinstance(distribution, torch.distributions.StudentT):
         return dist.StudentT(
             distribution.df[cells], distribution.loc[cells], distribution.scale[cells]
         )
