@@ -83,6 +83,7 @@ def _has_variety_scenario_effect(data: NLMEData) -> bool:
         "marker_effect_local_scale": ("curve_parameter",),
         "marker_effect_inclusion": ("curve_parameter",),
         "marker_effect_inclusion_probability": ("curve_parameter",),
+        "marker_effect_standardised": ("curve_parameter",),
         "marker_scenario_sd": ("curve_parameter",),
         "marker_scenario_effect": ("scenario", "curve_parameter"),
         f"{MARKER_NETWORK}_value": ("curve_parameter",),

@@ -48,6 +48,8 @@ def _model_kwargs(model, args: argparse.Namespace) -> dict:
     options = {
         "likelihood": getattr(args, "likelihood", None),
         "marker_form": getattr(args, "marker_form", None),
+        "marker_prior": getattr(args, "marker_prior", None),
+        "marker_gxe": getattr(args, "marker_gxe", None),
     }
     kwargs = {}
     for name, value in options.items():
@@ -193,6 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--marker-form",
         choices=["effects", "kinship"],
         help="g2was: marker effects [M x K] or the equivalent kinship (GBLUP) form [V x K]",
+    )
+    fit.add_argument(
+        "--marker-prior",
+        choices=[
+            "ridge",
+            "horseshoe",
+            "spike_slab",
+            "horseshoe_shared",
+            "spike_slab_shared",
+            "neural",
+        ],
+        help="g2was: prior of the marker effects, or a neural covariate model (SVI only)",
+    )
+    fit.add_argument(
+        "--marker-gxe",
+        action="store_const",
+        const=True,
+        help="g2was: add scenario-specific marker effects (genotype x environment)",
     )
     fit.add_argument("--method", choices=["svi", "nuts", "saem", "mcem"], default="svi")
     fit.add_argument("--out", required=True, help="InferenceData netCDF file to write")

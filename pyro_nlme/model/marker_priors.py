@@ -253,9 +253,11 @@ def spike_slab_effects(
     """Marker effects ``[M, K]`` under the continuous spike-and-slab, indicator summed out
     (module docstring).
 
-    Sites: ``{name}_inclusion`` ``[K]`` (scalar when shared; ``pi``), ``{name}`` ``[M, K]``,
-    and the deterministic ``{name}_inclusion_probability`` ``[M, K]`` (``P(slab | beta, pi,
-    genetic_sd)`` of the draw; identical across curve parameters when shared).
+    Sites: ``{name}_inclusion`` ``[K]`` (scalar when shared; ``pi``),
+    ``{name}_standardised`` ``[M, K]`` (``beta / slab_sd``, the sampled site), and the
+    deterministic ``{name}`` ``[M, K]`` and ``{name}_inclusion_probability`` ``[M, K]``
+    (``P(slab | beta, pi, genetic_sd)`` of the draw; identical across curve parameters when
+    shared).
 
     :param genetic_sd: ``[K]``, scale of the genetic values per curve parameter.
     :param expected_nonzero: ``p0``, prior mean of ``M * pi``.
@@ -272,14 +274,19 @@ def spike_slab_effects(
         concentration, concentration * (n_markers - expected_nonzero) / expected_nonzero
     )
     inclusion = pyro.sample(f"{name}_inclusion", prior if shared else prior.to_event(1))
+    # Sampled in units of the slab SD (so not scaled by genetic_sd: non-centred), where a
+    # guide's initial unit-scale draws give effects of the order of a QTL's, not of 60,000.
+    spike_ratio = spike_sd / slab_sd
     with plate or marker_plate(n_markers):
-        mixture = SpikeSlabNormal(spike_sd, slab_sd, inclusion, shared=shared)
-        effect = pyro.sample(name, mixture if shared else mixture.to_event(1))
-        probability = mixture.inclusion_probability(effect)
+        mixture = SpikeSlabNormal(spike_ratio, torch.ones_like(spike_ratio), inclusion, shared)
+        standardised = pyro.sample(
+            f"{name}_standardised", mixture if shared else mixture.to_event(1)
+        )
+        probability = mixture.inclusion_probability(standardised)
         if shared:
-            probability = probability[:, None].expand(effect.shape)
+            probability = probability[:, None].expand(standardised.shape)
         pyro.deterministic(f"{name}_inclusion_probability", probability, event_dim=1)
-    return effect
+        return pyro.deterministic(name, standardised * slab_sd, event_dim=1)
 
 
 def sample_marker_effects(
