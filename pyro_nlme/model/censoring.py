@@ -135,10 +135,12 @@ def _log_cdf_and_survival(
     return torch.log(cdf), torch.log1p(-cdf)
 
 
-def _is_exp(distribution: torch.distributions.TransformedDistribution) -> bool:
-    return len(distribution.transforms) == 1 and isinstance(
-        distribution.transforms[0], ExpTransform
-    )
+def _is_exp(distribution: dist.Distribution) -> bool:
+    """Whether ``distribution`` is ``exp`` of another (log-normal, log-Student-t)."""
+    if not isinstance(distribution, torch.distributions.TransformedDistribution):
+        return False
+    transforms = distribution.transforms
+    return len(transforms) == 1 and isinstance(transforms[0], ExpTransform)
 
 
 def _take(distribution: dist.Distribution, cells: torch.Tensor) -> dist.Distribution | None:
