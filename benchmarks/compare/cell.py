@@ -15,8 +15,10 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,8 +34,26 @@ from pyro_nlme.reference import marginal_log_likelihood
 PEER_PACKAGES = ("numpyro", "jax", "pynlme")
 
 
+def source_revision() -> str:
+    """The repository's commit, with ``+uncommitted`` when the library or models differ from
+    it (the engines are what is measured); ``$PYRO_NLME_SOURCE`` when set (a run from an
+    exported tree, e.g. ``git archive``, which has no ``.git``)."""
+    if os.environ.get("PYRO_NLME_SOURCE"):
+        return os.environ["PYRO_NLME_SOURCE"]
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+uncommitted" if git("status", "--porcelain", "pyro_nlme", "models") else "")
+
+
 def versions() -> dict[str, str]:
     out = package_versions()
+    out["pyro_nlme_source"] = source_revision()
     for name in PEER_PACKAGES:
         try:
             out[name] = version(name)
@@ -92,6 +112,7 @@ def score(fit: Fit, prepared: Prepared) -> dict:
                 genetic["estimate"].to_numpy().reshape(shape), prepared.genetic_truth
             )
             out["genetic_coverage90"] = m.coverage(genetic["lower"], genetic["upper"], truth_flat)
+            out["genetic_scalars"] = len(genetic)
     if fit.marker_effect is not None and prepared.heldout_markers is not None:
         effect = torch.as_tensor(fit.marker_effect, dtype=torch.float32)
         predicted = prepared.heldout_markers.standardized_matmul(effect).numpy()

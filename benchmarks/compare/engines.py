@@ -159,13 +159,30 @@ def run_nuts(prepared: Prepared, seed: int, options: dict) -> Fit:
     return fit_from_posterior(prepared, posterior, names, metrics)
 
 
+def flat_point_labels(labels: list[str]) -> list[str]:
+    """Our flat labels (:func:`flat_labels`) for a point-estimate table's rows, whatever its
+    own label format (``scenario_mean[0]``, ``scenario_mean[0,log_rate]``, ...): rows of one
+    site come together, in the C order of its value, so ``name[i]`` is the ``i``-th row of
+    ``name`` (a site with one row is a scalar)."""
+    names = [label.split("[")[0] for label in labels]
+    counts = {name: names.count(name) for name in names}
+    seen: dict[str, int] = {}
+    out = []
+    for name, label in zip(names, labels, strict=True):
+        index = seen.get(name, 0)
+        seen[name] = index + 1
+        out.append(name if counts[name] == 1 and "[" not in label else f"{name}[{index}]")
+    return out
+
+
 def _fit_ml(result: FitResult, prepared: Prepared) -> Fit:
-    """SAEM/MCEM: population estimates and SEs from the ``point_estimate`` group (labels
-    ``name`` / ``name[i]``, the layout of :func:`flat_labels`); genetic values from the
-    conditional draws at the estimate."""
+    """SAEM/MCEM: population estimates and SEs from the ``point_estimate`` group (relabelled
+    by :func:`flat_point_labels`, the order checked against the posterior's population
+    values); genetic values from the conditional draws at the estimate."""
     point = result.inference_data["point_estimate"]
-    labels = [str(x) for x in point["parameter"].values]
+    labels = flat_point_labels([str(x) for x in point["parameter"].values])
     estimate, se = point["estimate"].values, point["se"].values
+    _check_order(labels, estimate, result.inference_data.posterior)
     lower, upper = wald_interval(estimate, se)
     rows = [
         {"label": lab, "kind": "population", "estimate": e, "sd": s, "lower": lo, "upper": up}
@@ -181,6 +198,21 @@ def _fit_ml(result: FitResult, prepared: Prepared) -> Fit:
         "minus_two_log_likelihood_mcse": float(attrs.get("-2LL_mcse", np.nan)),
     }
     return Fit(pd.DataFrame(rows), None, metrics)
+
+
+def _check_order(labels: list[str], estimate: np.ndarray, posterior) -> None:
+    """The point estimates, relabelled, equal the posterior's (constant) population values."""
+    exported = {}
+    for name in dict.fromkeys(label.split("[")[0] for label in labels):
+        if name in posterior and "variety" not in posterior[name].dims:
+            value = posterior[name].isel(chain=0, draw=0).values
+            exported.update(flat_labels(name, value))
+    for label, value in zip(labels, estimate, strict=True):
+        if label in exported and not np.isclose(exported[label], value, rtol=1e-4, atol=1e-6):
+            raise ValueError(
+                f"point_estimate row {label} = {value} but the posterior has {exported[label]}: "
+                "the order of the point_estimate rows is not the sites' C order"
+            )
 
 
 def run_saem(prepared: Prepared, seed: int, options: dict) -> Fit:

@@ -163,7 +163,7 @@ def quick_grid() -> list[Cell]:
     # saemix's random-walk kernel costs ~60 model evaluations an iteration on g2was (30
     # individual dims): MALA, and fewer importance draws, keep the design cell in minutes.
     saem_design = {
-        "iterations": [30, 20],
+        "iterations": [60, 40],
         "chains": 1,
         "kernel": "mala",
         "importance_samples": 1000,
@@ -174,7 +174,7 @@ def quick_grid() -> list[Cell]:
         *_cells("svi-amortized", [small], seeds, {**svi, "batch_size": 16}, 600),
         *_cells("saem", [ORANGE], seeds, {"iterations": [150, 100], "chains": 5}, 300),
         *_cells("saem", [tiny], seeds, saem_design, 600),
-        *_cells("mcem", [ORANGE], seeds, {"iterations": 30}, 300),
+        *_cells("mcem", [ORANGE], seeds, {"iterations": 20, "final_samples": 100}, 420),
         *_cells("nuts", [ORANGE], seeds, nuts, 420),
         *_cells("numpyro-nuts", [ORANGE], seeds, nuts, 300),
         *_cells("pynlme-nlme", [ORANGE], seeds, {}, 120),

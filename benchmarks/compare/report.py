@@ -236,9 +236,15 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 3.8), squeeze=False)
         for ax, column in zip(axes[0], columns, strict=True):
             part = covered.dropna(subset=[column])
-            means = part.groupby(["dataset", "engine"])[column].mean()
+            groups = part.groupby(["dataset", "engine"])
+            means = groups[column].mean()
+            count = column.replace("coverage90", "scalars")
+            counts = groups[count].sum(min_count=1) if count in part else means * np.nan
             labels = [f"{d}\n{e}" for d, e in means.index]
-            ax.bar(range(len(means)), means.to_numpy(), color=[colours[e] for _, e in means.index])
+            bars = ax.bar(
+                range(len(means)), means.to_numpy(), color=[colours[e] for _, e in means.index]
+            )
+            ax.bar_label(bars, ["" if np.isnan(n) else f"n={n:.0f}" for n in counts], fontsize=7)
             ax.axhline(m.PROBABILITY, color="black", linestyle="--", linewidth=1)
             ax.set_xticks(range(len(means)), labels, rotation=60, ha="right", fontsize=7)
             ax.set(ylim=(0, 1.05), ylabel="share of truths inside 90% intervals", title=column)
@@ -266,6 +272,8 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
 
 def write_report(results: list[dict], out: Path, command: str) -> pd.DataFrame:
     """Write the CSVs, the figures and ``report.md`` into ``out``; returns the cells table."""
+    if not results:
+        raise ValueError(f"no cell results to report on: run the cells first (into {out}/cells)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = cells_table(results)

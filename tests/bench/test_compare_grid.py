@@ -64,3 +64,15 @@ def test_full_preset_runs_nuts_at_full_size_in_kinship_form_only():
     nuts = [c for c in full if c.engine == "nuts"]
     assert nuts and all(c.data.marker_form == "kinship" for c in nuts)
     assert len({c.key for c in full_grid()}) == len(full_grid())  # no duplicate cells
+
+
+def test_point_estimate_rows_get_our_flat_labels_whatever_their_format():
+    from benchmarks.compare.engines import flat_point_labels
+
+    saem = ["scenario_mean[0,log_rate]", "scenario_mean[1,log_rate]", "genetic_sd[log_rate]"]
+    assert flat_point_labels(saem + ["noise_sd"]) == [
+        "scenario_mean[0]",
+        "scenario_mean[1]",
+        "genetic_sd[0]",
+        "noise_sd",
+    ]
