@@ -43,6 +43,7 @@ import torch
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.infer.result import FitResult
+from pyro_nlme.infer.saem import field as marker_field
 from pyro_nlme.infer.saem import mstep
 from pyro_nlme.infer.saem.common import (
     conditional_run,
@@ -78,6 +79,9 @@ class SAEMConfig:
     :param progress: show a progress bar.
     :param init: starting values of population sites (natural scale), by site name; others
         start at their prior median.
+    :param jit: evaluate the E-step target through a traced graph of the model
+        (:class:`~.joint.JointModel`; 4-5x cheaper per evaluation; for models without
+        data-dependent Python control flow).
     """
 
     iterations: tuple[int, int] = (300, 200)
@@ -93,17 +97,20 @@ class SAEMConfig:
     conditional_iterations: int = 200
     draws: int = 100
     init: Mapping[str, object] | None = field(default=None, hash=False)
+    jit: bool = False
 
 
 class SAEMRun(NamedTuple):
     """The iterations' outcome: the estimate (unconstrained ``theta``), the history of the
-    reported parameters (one row per iteration) and the E-step state."""
+    reported parameters (one row per iteration), the E-step state and, with a marker field,
+    the stochastic approximation of ``E[g | y]`` ``[V, K]`` (:mod:`.field`)."""
 
     theta: torch.Tensor
     history: pd.DataFrame
     state: EStepState
     plan: mstep.Plan
     seconds: float
+    genetic: torch.Tensor | None = None
 
 
 def check_device(device: str) -> None:
@@ -139,8 +146,11 @@ def run_saem(
     start = time.perf_counter()
     theta = joint.initial_theta(config.init)
     plan = mstep.analyse(joint, theta, map_estimate=config.map, seed=config.seed)
-    report = reported(joint)
     copies = config.chains
+    markers = plan.marker_field
+    if markers is not None:
+        theta = marker_field.start(joint, theta, markers, copies)
+    report = reported(joint)
     rows = joint.rows(copies)
     state = init_e_step(make_target(joint, theta, rows))
     for _ in range(config.burn_in_sweeps):
@@ -158,10 +168,20 @@ def run_saem(
         gamma = step_size(k, burn_in)
         state, _ = e_step(state, make_target(joint, theta, rows), config.kernel, adapt=k < burn_in)
         u = state.position
+        draw = None
+        if markers is not None:
+            draw = marker_field.gibbs(
+                markers, plan, joint, theta, joint.z_from_u(u, theta, rows), copies
+            )
+            joint.offset = marker_field.offset(markers, draw.values, joint.z_dim)
         if plan.closed_form.numel():
             with torch.no_grad():
                 density = joint.log_density(theta, u, rows)
-            new = mstep.statistics(plan, u, density, rows, copies, joint.n_varieties)
+            effects = u if draw is None else u - joint.offset_rows(rows)
+            new = mstep.statistics(plan, effects, density, rows, copies, joint.n_varieties)
+            if draw is not None:
+                new["marker_field:quadratic"] = draw.quadratic
+                new["marker_field:mean"] = draw.mean.mean(0)
             if stats is None:
                 stats = new
             else:
@@ -189,7 +209,11 @@ def run_saem(
         bar.close()
     frame = pd.DataFrame(history, columns=report.labels)
     frame.index.name = "iteration"
-    return SAEMRun(theta, frame, state, plan, time.perf_counter() - start)
+    genetic = None
+    if markers is not None:
+        genetic = stats["marker_field:mean"]
+        state = marker_field.fix(joint, markers, state, genetic, copies)
+    return SAEMRun(theta, frame, state, plan, time.perf_counter() - start, genetic)
 
 
 @torch.no_grad()
@@ -252,7 +276,7 @@ def fit_saem(
     check_device(config.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        joint = JointModel(model, data, model_kwargs)
+        joint = JointModel(model, data, model_kwargs, jit=config.jit)
         run = run_saem(joint, config)
         return finish(
             joint,
@@ -264,6 +288,7 @@ def fit_saem(
             config=config,
             seconds=run.seconds,
             model_name=model_name,
+            genetic=run.genetic,
         )
 
 

@@ -24,6 +24,18 @@ TRUST_RADIUS = 3.0
 
 
 def make_target(joint: JointModel, theta: torch.Tensor, rows: Rows) -> Target:
+    """The E-step target at ``theta`` on ``rows`` (through the traced graph if
+    ``joint.jit``)."""
+    if joint.jit:
+        compiled = joint.compiled_density(rows, theta)
+        offset = joint.offset_rows(rows)
+        inputs = () if offset is None else (offset,)
+
+        def density(u):
+            return compiled(theta, u, *inputs)
+
+        return Target(density, lambda: joint.sample_prior(theta, rows))
+
     def density(u):
         d = joint.log_density(theta, u, rows)
         return d.total, d.obs
@@ -121,6 +133,8 @@ def reported(joint: JointModel) -> Reported:
     coords = model_coords(joint.model, joint.data)
     labels, pieces = [], []
     for b in joint.population:
+        if b.name in joint.integrated_sites:
+            continue
         names = event_dims.get(b.name, ())
         names = names[-len(b.shape) :] if b.shape else ()
         if b.support is constraints.corr_cholesky:

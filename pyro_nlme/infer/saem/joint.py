@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -138,6 +139,10 @@ class JointModel:
     :param data: the data; cast to ``dtype`` (float64 by default: Hessians and the
         likelihood are computed in it).
     :param model_kwargs: keyword arguments of the model.
+    :param jit: evaluate the E-step's log-density through a ``torch.jit.trace`` of it (one
+        per set of rows, :meth:`compiled_density`): the model is run under Pyro once, then
+        replayed as a graph of tensor operations, 4-5x cheaper per evaluation (measured on
+        Orange and Soybean). Valid for models without data-dependent Python control flow.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class JointModel:
         data: NLMEData,
         model_kwargs: Mapping[str, object] | None = None,
         dtype: torch.dtype = torch.float64,
+        jit: bool = False,
     ):
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
@@ -168,7 +174,18 @@ class JointModel:
         self.theta_dim = sum(b.size for b in self.population)
         self.z_dim = sum(b.size for b in self.individual)
         self.shift: Shift | None = None
+        self.offset: torch.Tensor | None = None
+        """``[V, D]`` or ``[C, V, D]`` (per copy): a known part of the centred latents that the
+        model does not add itself (the genetic values of a marker field, :mod:`.field`): the
+        Gaussian individual terms are scored at ``z - offset`` (the model still sees ``z``), and
+        prior draws get it added. None: no offset."""
+        self.offset_sites: frozenset[str] = frozenset()
+        self.integrated_sites: frozenset[str] = frozenset()
+        """Population sites integrated out as random effects (a marker field's effects): not
+        reported as parameters nor counted in AIC / BIC."""
         self._rows_cache: dict[tuple[int, int], Rows] = {}
+        self.jit = jit
+        self._compiled: dict[tuple, tuple[Rows, Callable]] = {}
 
     @property
     def real_elements(self) -> torch.Tensor:
@@ -181,6 +198,54 @@ class JointModel:
             )
             flags += [real] * b.size
         return torch.tensor(flags, dtype=torch.bool)
+
+    def clear_rows(self) -> None:
+        """Forget cached rows and compiled densities (after ``self.data`` is replaced)."""
+        self._rows_cache.clear()
+        self._compiled.clear()
+
+    def compiled_density(self, rows: Rows, theta: torch.Tensor) -> Callable:
+        """``(theta, u[, offset]) -> (log p(y, u | theta) [N], log p(y | u, theta) [N])`` on
+        ``rows`` as a traced graph (``jit``), compiled on first use for these rows, centring
+        and offset sites; the offset (when set) is an input, not a constant."""
+        key = (id(rows), id(self.shift), self.offset_sites, self.offset is not None)
+        cached = self._compiled.get(key)
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+
+        def density(t, u, offset=None):
+            saved = self.offset
+            if offset is not None:
+                self.offset = offset.reshape(-1, self.n_varieties, offset.shape[-1])
+            try:
+                d = self.log_density(t, u, rows)
+            finally:
+                self.offset = saved
+            return d.total, d.obs
+
+        example = [theta.detach(), self.sample_prior(theta, rows)]
+        if self.offset is not None:
+            example.append(self.offset_rows(rows))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = torch.jit.trace(density, tuple(example), check_trace=False)
+        self._compiled[key] = (rows, compiled)
+        return compiled
+
+    @property
+    def n_parameters(self) -> int:
+        """Free population parameters (integrated sites excluded)."""
+        return sum(b.size for b in self.population if b.name not in self.integrated_sites)
+
+    def active_indices(self) -> torch.Tensor:
+        """``theta`` indices of the estimated parameters (integrated sites excluded)."""
+        return torch.cat(
+            [
+                torch.arange(b.offset, b.offset + b.size)
+                for b in self.population
+                if b.name not in self.integrated_sites
+            ]
+        )
 
     # -- rows -------------------------------------------------------------------------------
     def rows(self, copies: int, varieties: torch.Tensor | None = None) -> Rows:
@@ -227,6 +292,17 @@ class JointModel:
             return z
         shift = self.shift.coef[rows.variety] * theta[self.shift.theta_index]
         return z + torch.zeros_like(z).index_add(1, self.shift.z_index, shift)
+
+    def offset_rows(self, rows: Rows) -> torch.Tensor | None:
+        """The offset of each row ``[N, D]`` (None without offset)."""
+        if self.offset is None:
+            return None
+        if self.offset.dim() == 2:
+            return self.offset[rows.variety]
+        flat = self.offset.reshape(-1, self.offset.shape[-1])
+        if flat.shape[0] != rows.variety.shape[0]:
+            raise ValueError(f"a per-copy offset has {flat.shape[0]} rows, not {len(rows.variety)}")
+        return flat
 
     def individual_values(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Constrained individual values ``[N, *shape]`` from ``z`` ``[N, D]``, and the
@@ -277,6 +353,7 @@ class JointModel:
         _, log_jacobian = self.individual_values(z)
         trace = self.trace(theta, z, rows)
         n = u.shape[0]
+        offset = self.offset_rows(rows)
         sites, log_prior = {}, torch.zeros((), dtype=self.dtype)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["infer"].get("_deterministic", False):
@@ -285,7 +362,11 @@ class JointModel:
                 if prior:
                     log_prior = log_prior + site["fn"].log_prob(site["value"]).sum()
             elif name in self.structure.individual or name == OBSERVED_SITE:
-                log_prob = site["fn"].log_prob(site["value"])
+                value = site["value"]
+                if offset is not None and name in self.offset_sites:
+                    block = next(b for b in self.individual if b.name == name)
+                    value = value - offset[:, block.indices].reshape(value.shape)
+                log_prob = site["fn"].log_prob(value)
                 if site["mask"] is not None:
                     log_prob = log_prob * site["mask"]
                 sites[name] = _per_row(log_prob, n)
@@ -298,7 +379,9 @@ class JointModel:
         """``u`` ``[N, D]`` drawn from the conditional prior ``p(u | theta)`` (global RNG)."""
         trace = self.trace(theta, None, rows)
         values = {b.name: trace.nodes[b.name]["value"] for b in self.individual}
-        return self.u_from_z(self.z_from_values(values), theta, rows)
+        u = self.u_from_z(self.z_from_values(values), theta, rows)
+        offset = self.offset_rows(rows)
+        return u if offset is None else u + offset
 
     @torch.no_grad()
     def initial_theta(self, init: Mapping[str, object] | None = None) -> torch.Tensor:

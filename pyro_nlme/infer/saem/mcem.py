@@ -187,6 +187,10 @@ def run_mcem(joint: JointModel, config: MCEMConfig):
     start = time.perf_counter()
     theta = joint.initial_theta(config.init)
     plan = mstep.analyse(joint, theta, map_estimate=config.map, seed=config.seed)
+    if plan.marker_field is not None:
+        raise ValueError(
+            f"MCEM does not integrate out marker effects ({plan.marker_field.site!r}): use SAEM"
+        )
     report = reported(joint)
     rows = joint.rows(config.chains)
     state = init_e_step(make_target(joint, theta, rows))

@@ -24,8 +24,12 @@ gradient path):
 4. **A constant residual SD.** An observed ``Normal(f, s)`` whose scale is one positive
    population element that nothing else uses: ``s^2 = mean squared residual``.
 
+5. **Marker effects and their SDs (the ridge M-step in kernel form).** A site of Gaussian
+   marker effects whose genetic values shift Gaussian individual effects is integrated out
+   through the genetic values, with ``V x V`` algebra only (:mod:`.field`).
+
 Every other population parameter (e.g. the curve parameters without random effects, a power
-variance model's parameters, marker effects) takes Robbins-Monro Newton steps (Gu & Kong 1998):
+variance model's parameters) takes Robbins-Monro Newton steps (Gu & Kong 1998):
 ``theta_g += gamma_k * H_k^{-1} grad log p(y, u_k; theta)``, with ``H_k`` a stochastic
 approximation of the complete-data information. By Fisher's identity the expected gradient is the
 score of the marginal likelihood, so the fixed point is the maximum likelihood, like SAEM's.
@@ -41,6 +45,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from torch.distributions import Independent, constraints
 from torch.distributions.transforms import ExpTransform, IndependentTransform
 
+from pyro_nlme.infer.saem import field as marker_field
 from pyro_nlme.infer.saem.derivatives import derivatives
 from pyro_nlme.infer.saem.joint import JointModel, LogDensity, Rows, Shift
 from pyro_nlme.model.convention import OBSERVED_SITE
@@ -50,6 +55,9 @@ ANNEALING_FACTOR = 0.95
 at most this factor per iteration."""
 MAX_LOCATION_SITE_SIZE = 1000
 """Population sites with more elements (e.g. marker effects) are not probed as locations."""
+MAX_GRADIENT_SIZE = 200
+"""The gradient path forms a ``k x k`` information matrix per iteration (``k`` backward passes):
+a model with more such elements is refused with the names of its sites."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class Plan:
     :param closed_form: ``theta`` indices solved in closed form.
     :param gradient: the other ``theta`` indices.
     :param noise_index: ``theta`` index of a closed-form residual SD, if any.
+    :param marker_field: marker effects integrated out through their genetic values.
     """
 
     diagonal: list[DiagonalGaussian] = field(default_factory=list)
@@ -94,6 +103,7 @@ class Plan:
     shift: Shift | None = None
     closed_form: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     gradient: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    marker_field: marker_field.MarkerField | None = None
 
     def describe(self, labels: list[str]) -> dict[str, list[str]]:
         """Parameter labels by M-step kind (``labels`` indexed by ``theta`` position)."""
@@ -218,12 +228,27 @@ def analyse(
             if plan is not None:
                 full.append(plan)
     noise_index = _noise_index(joint, traces[:2], elements, probes[0], zs[0], rows)
+    markers = marker_field.detect(joint, probes, zs, rows, diagonal, elements, unwrap)
+    if markers is not None and map_estimate:
+        raise ValueError(
+            f"MAP with marker effects ({markers.site!r}) is not supported: the kernel-form "
+            "M-step integrates them out (maximum likelihood only)"
+        )
     gaussian_components = {int(i): g.site for g in diagonal + full for i in g.z_index.tolist()}
     shift = None
     if gaussian_components:
-        shift = _locations(joint, probes, zs, rows, gaussian_components, diagonal, full)
+        excluded = {markers.site} if markers is not None else set()
+        shift = _locations(joint, probes, zs, rows, gaussian_components, diagonal, full, excluded)
     joint.shift = shift
     closed: list[int] = []
+    if markers is not None:
+        closed += markers.sd_index.tolist()
+        closed += list(
+            range(
+                population[markers.site].offset,
+                population[markers.site].offset + population[markers.site].size,
+            )
+        )
     if not map_estimate:
         for g in diagonal:
             closed += g.scale_index.tolist()
@@ -242,7 +267,20 @@ def analyse(
     )
     if map_estimate:
         diagonal, full, noise_index = [], [], None
-    return Plan(diagonal, full, noise_index, shift, closed_form, gradient)
+    large = [
+        b
+        for b in joint.population
+        if any(b.offset <= i < b.offset + b.size for i in gradient.tolist()) and b.size > 1
+    ]
+    if gradient.numel() > MAX_GRADIENT_SIZE:
+        names = ", ".join(f"{b.name} ({b.size})" for b in large)
+        raise ValueError(
+            f"{gradient.numel()} population elements would take SAEM's gradient M-step (a "
+            f"{gradient.numel()} x {gradient.numel()} information per iteration): {names}. "
+            "Marker effects are integrated out only in the effects form (g2was: "
+            "marker_form='effects'), not as kinship-form latents"
+        )
+    return Plan(diagonal, full, noise_index, shift, closed_form, gradient, markers)
 
 
 def _full_gaussian(joint, name, z_index, theta, z, rows, population) -> FullGaussian | None:
@@ -302,7 +340,9 @@ def _noise_index(joint, traces, elements, theta, z, rows) -> int | None:
     return q
 
 
-def _locations(joint, probes, zs, rows, gaussian_components, diagonal, full) -> Shift | None:
+def _locations(
+    joint, probes, zs, rows, gaussian_components, diagonal, full, excluded
+) -> Shift | None:
     """Detect the location parameters of the Gaussian components (module docs, item 3)."""
     gaussian_sites = {g.site for g in diagonal + full}
     scale_sites = set()
@@ -316,7 +356,7 @@ def _locations(joint, probes, zs, rows, gaussian_components, diagonal, full) -> 
             and b.support.base_constraint is constraints.real
         ):
             continue
-        if b.size > MAX_LOCATION_SITE_SIZE or b.name in scale_sites:
+        if b.size > MAX_LOCATION_SITE_SIZE or b.name in scale_sites | excluded:
             continue
         candidates += [i for i in range(b.offset, b.offset + b.size) if i not in scale_indices]
     if not candidates:
@@ -494,6 +534,13 @@ def solve(
         for q in g.scale_index.unique().tolist():
             members = g.scale_index == q
             variance = ssr[members].sum() / g.mask[:, members].sum().clamp(min=1)
+            if anneal:
+                variance = torch.maximum(variance, ANNEALING_FACTOR * previous[q] ** 2)
+            natural[q] = float(variance.clamp(min=1e-12).sqrt())
+    if plan.marker_field is not None:
+        f = plan.marker_field
+        for k, q in enumerate(f.sd_index.tolist()):
+            variance = stats["marker_field:quadratic"][k] / f.rank
             if anneal:
                 variance = torch.maximum(variance, ANNEALING_FACTOR * previous[q] ** 2)
             natural[q] = float(variance.clamp(min=1e-12).sqrt())

@@ -4,6 +4,7 @@ the ``point_estimate`` group in ``docs/saem.md``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import xarray as xr
 
 from pyro_nlme.export.inference_data import site_dims, to_inference_data
 from pyro_nlme.infer.result import FitResult
-from pyro_nlme.infer.saem import fisher
+from pyro_nlme.infer.saem import field, fisher
 from pyro_nlme.infer.saem.common import (
     conditional_modes,
     conditional_run,
@@ -37,7 +38,8 @@ def individual_values(joint: JointModel, theta: torch.Tensor, u: torch.Tensor) -
     copies = math.prod(lead) if lead else 1
     rows = joint.rows(copies)
     z = joint.z_from_u(u.reshape(copies * n, -1), theta, rows)
-    values, _ = joint.individual_values(z)
+    offset = joint.offset_rows(rows)
+    values, _ = joint.individual_values(z if offset is None else z - offset)
     return {k: v.reshape(lead + (n,) + joint.site_shape(k)) for k, v in values.items()}
 
 
@@ -52,12 +54,16 @@ def finish(
     config,
     seconds: float,
     model_name: str | None,
+    genetic: torch.Tensor | None = None,
 ) -> FitResult:
     """Post-process an estimate (module docs).
 
     :param config: the engine's config (``SAEMConfig`` or ``MCEMConfig``): its ``chains``,
         ``kernel``, ``conditional_iterations``, ``draws``, ``importance_samples``,
         ``fisher_samples``, ``map`` and ``seed`` are used, and it is stored in the settings.
+    :param genetic: with a marker field (:mod:`.field`), the estimated ``E[g | y]`` ``[V, K]``
+        at which the genetic values are held: the log-likelihood, the SEs and the conditional
+        samples are conditional on them, and the marker effects exported are their back-solve.
     """
     from pyro_nlme.infer.saem.algorithm import settings_of
 
@@ -76,6 +82,11 @@ def finish(
     modes = conditional_modes(joint, theta, posterior.mean)
     proposal = Proposal(joint, posterior.mean, posterior.covariance, seed=config.seed)
     likelihood = importance_sampling(joint, theta, proposal, config.importance_samples)
+    active = joint.active_indices()
+    boundary = fisher.boundary_covariances(joint, theta, plan)
+    held = {i for _, _, indices in boundary for i in indices}
+    if held:
+        active = torch.tensor([i for i in active.tolist() if i not in held])
     information = fisher.louis_information(
         joint,
         theta,
@@ -83,17 +94,28 @@ def finish(
         likelihood,
         min(config.fisher_samples, config.importance_samples),
         config.map,
+        active,
     )
     report = reported(joint)
     estimate = report.fn(theta).detach()
-    covariance, _ = fisher.natural_covariance(information, report.fn, theta)
+    natural = fisher.natural_covariance(information, report.fn, theta, active)
+    covariance = natural.covariance
     se = covariance.diagonal().clamp(min=0).sqrt()
-    se = torch.where(torch.isfinite(covariance.diagonal()), se, torch.full_like(se, float("nan")))
     n_subjects = int(joint.data.phenotyped.sum())
-    criteria = information_criteria(likelihood.minus_two, joint.theta_dim, n_subjects)
-    warnings = []
-    if not torch.isfinite(se).all():
-        warnings.append("the Fisher information is not positive definite: some SEs are NaN")
+    criteria = information_criteria(likelihood.minus_two, joint.n_parameters, n_subjects)
+    warnings = [
+        f"the random-effect covariance of {site!r} is singular at the estimate (smallest "
+        f"eigenvalue of its correlation matrix {smallest:.1e}): the maximum is on the boundary, "
+        "its SDs and correlations have no SE, and the other SEs hold it fixed at its estimate; "
+        "a reduced covariance model (fewer random effects or correlations) avoids this"
+        for site, smallest, _ in boundary
+    ]
+    if natural.n_null and natural.singular.any():
+        undefined = [label for label, s in zip(report.labels, natural.singular, strict=True) if s]
+        warnings.append(
+            f"the Fisher information is singular ({natural.n_null} flat direction(s), e.g. a "
+            "random-effect covariance at the boundary): no SE for " + ", ".join(undefined)
+        )
     if likelihood.mcse > 0.5:
         warnings.append(
             f"the importance-sampling log-likelihood has a Monte-Carlo SE of {likelihood.mcse:.2f}:"
@@ -114,7 +136,7 @@ def finish(
             "-2LL_mcse": 2 * likelihood.mcse,
             "AIC": criteria["aic"],
             "BIC": criteria["bic"],
-            "n_parameters": joint.theta_dim,
+            "n_parameters": joint.n_parameters,
             "n_subjects": n_subjects,
             "seconds": seconds,
             "closed_form": plan.describe(_theta_labels(joint)),
@@ -124,9 +146,17 @@ def finish(
     # Samples for the exporter: population sites repeated over draws (NOT posterior draws).
     draws = posterior.draws  # [C, K, V, D]
     n_chains, n_draws = draws.shape[:2]
+    population = joint.population_values(theta)
+    if plan.marker_field is not None:
+        population[plan.marker_field.site] = field.marker_effects(plan.marker_field, genetic)
+        warnings.append(
+            "marker effects are integrated out: -2LL, AIC, BIC and SEs are conditional on the "
+            "genetic values at their estimate E[g | y] (not the marginal likelihood), so the "
+            "genetic SDs have no SE there"
+        )
     samples = {
         name: value.expand((n_chains, n_draws) + value.shape).to(torch.float32)
-        for name, value in joint.population_values(theta).items()
+        for name, value in population.items()
     }
     samples.update(
         {k: v.to(torch.float32) for k, v in individual_values(joint, theta, draws).items()}
@@ -135,7 +165,7 @@ def finish(
     point = _point_estimate(
         joint, report.labels, estimate, se, covariance, likelihood, criteria, history, mode_values
     )
-    original = _original_data(joint)
+    original = _original_data(joint, plan)
     idata = to_inference_data(
         joint.model,
         original,
@@ -150,8 +180,11 @@ def finish(
     return FitResult(idata, engine, summary, history=history, warnings=warnings)
 
 
-def _original_data(joint: JointModel):
-    return data_as(joint.data, torch.float32)
+def _original_data(joint: JointModel, plan: Plan):
+    data = data_as(joint.data, torch.float32)
+    if plan.marker_field is not None:
+        data = dataclasses.replace(data, markers=plan.marker_field.markers)
+    return data
 
 
 def _theta_labels(joint: JointModel) -> list[str]:
@@ -173,7 +206,7 @@ def _point_estimate(
         "minus_two_log_likelihood_mcse": ((), 2 * likelihood.mcse),
         "aic": ((), criteria["aic"]),
         "bic": ((), criteria["bic"]),
-        "n_parameters": ((), joint.theta_dim),
+        "n_parameters": ((), joint.n_parameters),
         "importance_samples": ((), likelihood.n_samples),
         "history": (("iteration", "parameter"), history.to_numpy()),
     }
