@@ -12,6 +12,7 @@ import pyro
 
 from pyro_nlme.data import DataError, NLMEData, load_data
 from pyro_nlme.model.registry import BUILTIN_MODELS, DEFAULT_MODEL, accepts, resolve_model
+from pyro_nlme.simulate.phenotypes import TRAITS
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,7 @@ def command_simulate(args: argparse.Namespace) -> int:
         n_markers=args.n_markers,
         n_plants=args.plants,
         n_days=args.days,
+        trait=args.trait,
     )
     simulated = simulate_design(config, seed=args.seed)
     paths = simulated.write(args.out, marker_format=args.marker_format)
@@ -175,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--plants", type=int, default=2, help="plants per variety x scenario")
     simulate.add_argument("--days", type=int, default=21)
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument(
+        "--trait",
+        choices=TRAITS,
+        default="biomass",
+        help="what each image records (docs/simulator.md): log-normal biomass, a count, a "
+        "binary, binomial or ordinal trait, or biomass censored below a detection limit",
+    )
     simulate.add_argument("--marker-format", choices=["csv", "parquet"], default="csv")
     simulate.set_defaults(run=command_simulate)
 

@@ -24,8 +24,9 @@ from pyro_nlme.simulate.phenotypes import (
     CURVE_PARAMETERS,
     SCENARIO_CODES,
     SCENARIOS,
+    TRAITS,
     logistic_curve,
-    observe,
+    observe_trait,
     simulate_individual_parameters,
     simulate_marker_effects,
 )
@@ -70,6 +71,18 @@ class DesignConfig:
     :ivar qtl_variance_share: share of the genetic variance due to the QTL (before the final
         rescaling to ``genetic_sd``; the realised share is close to it).
     :ivar qtl_min_maf: minimum minor allele frequency of a QTL marker.
+    :ivar trait: what each image records (:data:`~pyro_nlme.simulate.phenotypes.TRAITS`,
+        :func:`~pyro_nlme.simulate.phenotypes.observe_trait`): ``biomass`` (log-normal, the
+        default), ``count``, ``binary``, ``binomial``, ``ordinal`` or ``censored``.
+    :ivar per_gram: the count mean, cumulative hazard or ordinal linear predictor per g of
+        biomass (``count``, ``binary``, ``binomial``, ``ordinal``).
+    :ivar count_overdispersion: ``a`` of the negative binomial counts (variance
+        ``f + a f**2``; 0: Poisson).
+    :ivar n_trials: trials per image of the ``binomial`` trait.
+    :ivar ordinal_cutpoints: increasing cutpoints of the ``ordinal`` score (logit scale), one
+        fewer than the categories.
+    :ivar detection_limit: biomass (g) below which a ``censored`` value is recorded as the limit
+        with ``cens = 1``.
     """
 
     n_varieties: int = 250
@@ -97,12 +110,30 @@ class DesignConfig:
     qtl_variance_share: float = 0.4
     qtl_min_maf: float = 0.05
     sparse_qtl: bool = False
+    trait: str = "biomass"
+    per_gram: float = 0.1
+    count_overdispersion: float = 0.1
+    n_trials: int = 10
+    ordinal_cutpoints: tuple[float, ...] = (2.0, 6.0, 10.0)
+    detection_limit: float = 5.0
 
     def __post_init__(self) -> None:
         """Validate the configuration.
 
         :raises ValueError: on an out-of-range field.
         """
+        trait_checks = {
+            f"trait in {TRAITS}": self.trait in TRAITS,
+            "per_gram > 0": self.per_gram > 0.0,
+            "count_overdispersion >= 0": self.count_overdispersion >= 0.0,
+            "n_trials >= 1": self.n_trials >= 1,
+            "ordinal_cutpoints increasing": len(self.ordinal_cutpoints) >= 1
+            and all(np.diff(self.ordinal_cutpoints) > 0),
+            "detection_limit > 0": self.detection_limit > 0.0,
+        }
+        failed = [name for name, ok in trait_checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid DesignConfig: {'; '.join(failed)}")
         checks = {
             "n_varieties >= 1": self.n_varieties >= 1,
             "n_heldout >= 0": self.n_heldout >= 0,
@@ -345,7 +376,19 @@ def simulate_design(config: DesignConfig = DesignConfig(), seed: int = 0) -> Sim
     )
     time = np.arange(config.n_days, dtype=float)
     curve = logistic_curve(params["individual_parameter"], time)
-    value = observe(streams[3], curve[: config.n_varieties], config.noise_sd, config.missing_rate)
+    recorded = observe_trait(
+        streams[3],
+        curve[: config.n_varieties],
+        config.trait,
+        noise_sd=config.noise_sd,
+        missing_rate=config.missing_rate,
+        per_gram=config.per_gram,
+        count_overdispersion=config.count_overdispersion,
+        n_trials=config.n_trials,
+        cutpoints=config.ordinal_cutpoints,
+        detection_limit=config.detection_limit,
+    )
+    value = recorded.pop("value")
     variety_ids, plant_id = _identifiers(config)
     phenotypes = pd.DataFrame(
         {
@@ -356,6 +399,7 @@ def simulate_design(config: DesignConfig = DesignConfig(), seed: int = 0) -> Sim
             "plant": np.repeat(plant_id[: config.n_varieties].ravel(), config.n_days),
             "time": np.tile(time, value.size // config.n_days),
             "value": value.ravel(),
+            **{name: column.ravel() for name, column in recorded.items()},
         }
     )
     truth = _truth_dataset(

@@ -12,7 +12,8 @@ scenario ``s``, replicate plant ``p`` and parameter ``k``::
 with ``Z`` the standardised dosages. The biomass curve is logistic,
 ``asymptote * sigmoid(rate * (time - inflection))`` with ``asymptote = exp(phi[0])``,
 ``rate = exp(phi[1])`` and ``inflection = phi[2]``, and each image observes it with multiplicative
-log-normal noise; images are missing completely at random.
+log-normal noise (or, through :func:`observe_trait`, as a count, a binary or binomial trait, an
+ordinal score or a censored value); images are missing completely at random.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ __all__ = [
     "CURVE_PARAMETERS",
     "SCENARIOS",
     "SCENARIO_CODES",
+    "TRAITS",
     "logistic_curve",
     "observe",
+    "observe_trait",
     "select_qtl",
     "simulate_individual_parameters",
     "simulate_marker_effects",
+    "trait_prediction",
 ]
 
 #: Names of the curve parameters, in the order of the last axis of ``phi``.
@@ -215,3 +219,80 @@ def observe(
     value = curve * np.exp(noise_sd * rng.standard_normal(curve.shape))
     value[rng.random(curve.shape) < missing_rate] = np.nan
     return value
+
+
+#: Trait types the simulator can record from the biomass curves (``DesignConfig.trait``).
+TRAITS = ("biomass", "count", "binary", "binomial", "ordinal", "censored")
+
+
+def trait_prediction(curve: np.ndarray, trait: str, per_gram: float) -> np.ndarray:
+    """The curve a trait's observation model sees: the biomass curve itself for ``biomass``
+    and ``censored``, else ``per_gram * curve`` (the mean count, the cumulative hazard, or the
+    ordinal linear predictor), so that a logistic model fits it with ``log_asymptote`` shifted
+    by ``log(per_gram)``.
+
+    :param curve: noise-free biomass in g, any shape.
+    """
+    return curve if trait in ("biomass", "censored") else per_gram * curve
+
+
+def observe_trait(
+    rng: np.random.Generator,
+    curve: np.ndarray,
+    trait: str,
+    *,
+    noise_sd: float,
+    missing_rate: float,
+    per_gram: float,
+    count_overdispersion: float,
+    n_trials: int,
+    cutpoints: tuple[float, ...],
+    detection_limit: float,
+) -> dict[str, np.ndarray]:
+    """Record a trait of the given type from the biomass curves; each matches an observation
+    model of :mod:`pyro_nlme.model.observations` with ``f = trait_prediction(curve)``:
+
+    - ``biomass``: :func:`observe` (``lognormal``), the default; same draws as before traits.
+    - ``count`` (e.g. leaf number): ``NegativeBinomial`` with mean ``f`` and variance
+      ``f + count_overdispersion * f**2`` (``negative_binomial``; ``poisson`` when 0).
+    - ``binary`` (e.g. an organ present): ``Bernoulli(1 - exp(-f))`` (``bernoulli``).
+    - ``binomial``: ``Binomial(n_trials, 1 - exp(-f))`` (``binomial``), with a ``trials``
+      column.
+    - ``ordinal`` (e.g. a visual score): ``P(y <= k) = sigmoid(cutpoints[k] - f)``, scores
+      ``0 .. len(cutpoints)`` (``ordinal:C``, ``C = len(cutpoints) + 1``).
+    - ``censored``: biomass as ``biomass``, values below ``detection_limit`` recorded as the
+      limit with ``cens = 1`` (left-censored, Monolix convention; ``lognormal``).
+
+    Images are missing at random with probability ``missing_rate`` (value NaN, ``cens`` 0).
+
+    :param curve: noise-free biomass in g, ``[..., n_times]``.
+    :returns: ``value`` (float, NaN where missing) and, for ``censored``, ``cens`` (int) or,
+        for ``binomial``, ``trials`` (int), each of the curve's shape.
+    :raises ValueError: on an unknown trait.
+    """
+    if trait not in TRAITS:
+        raise ValueError(f"unknown trait {trait!r}; choose one of {TRAITS}")
+    if trait in ("biomass", "censored"):
+        value = observe(rng, curve, noise_sd, missing_rate)
+        if trait == "biomass":
+            return {"value": value}
+        below = value < detection_limit
+        return {"value": np.where(below, detection_limit, value), "cens": below.astype(np.int64)}
+    f = trait_prediction(curve, trait, per_gram)
+    columns = {}
+    if trait == "count":
+        if count_overdispersion > 0:
+            size = 1.0 / count_overdispersion
+            value = rng.negative_binomial(size, size / (size + f)).astype(float)
+        else:
+            value = rng.poisson(f).astype(float)
+    elif trait == "binary":
+        value = (rng.random(f.shape) < -np.expm1(-f)).astype(float)
+    elif trait == "binomial":
+        value = rng.binomial(n_trials, -np.expm1(-f)).astype(float)
+        columns["trials"] = np.full(f.shape, n_trials, dtype=np.int64)
+    else:
+        latent = f + rng.logistic(size=f.shape)
+        value = (latent[..., None] > np.asarray(cutpoints)).sum(-1).astype(float)
+    value[rng.random(f.shape) < missing_rate] = np.nan
+    return {"value": value, **columns}
