@@ -14,10 +14,12 @@ whose genetic values are ``Z @ beta`` with ``Z`` the standardised dosages.
   summed out, ``beta[m, k] ~ pi[k] Normal(0, slab_sd[k]) + (1 - pi[k]) Normal(0, spike_sd[k])``,
   ``pi[k] ~ Beta(1, (M - p0) / p0)`` (prior mean ``p0 / M``), ``slab_sd = genetic_sd *
   slab_scale / sqrt(p0)`` (a QTL carries about ``1 / p0`` of the genetic variance) and
-  ``spike_sd = genetic_sd * spike_scale / sqrt(M)`` (the ridge scale: the spike is a polygenic
-  background rather than an exact zero). The deterministic site ``{name}_inclusion`` is the
-  conditional probability ``P(slab | beta, pi, genetic_sd)`` of each draw; its posterior mean is
-  the posterior inclusion probability (PIP, Rao-Blackwellised).
+  ``spike_sd = genetic_sd * spike_scale / sqrt(M)`` (``spike_scale = 0.1``: a tenth of the
+  ridge scale, a small polygenic background rather than an exact zero; with a spike at the
+  ridge scale, mean-field SVI collapsed the genetic SD, docs/marker_priors.md). The
+  deterministic site ``{name}_inclusion_probability`` is the conditional probability
+  ``P(slab | beta, pi, genetic_sd)`` of each draw; its posterior mean is the posterior inclusion
+  probability (PIP, Rao-Blackwellised).
 - ``shared=True`` (both sparse priors): one local scale ``lambda[m]`` or one indicator per marker
   for all ``K`` curve parameters (a locus acting on several parameters); global scales, slabs and
   spike and slab SDs stay per parameter, the inclusion probability ``pi`` becomes one scalar.
@@ -245,7 +247,7 @@ def spike_slab_effects(
     genetic_sd: torch.Tensor,
     expected_nonzero: float = DEFAULT_EXPECTED_NONZERO,
     slab_scale: float = 1.0,
-    spike_scale: float = 1.0,
+    spike_scale: float = 0.1,
     shared: bool = False,
     name: str = "marker_effect",
     plate: pyro.plate | None = None,
@@ -262,7 +264,7 @@ def spike_slab_effects(
     :param genetic_sd: ``[K]``, scale of the genetic values per curve parameter.
     :param expected_nonzero: ``p0``, prior mean of ``M * pi``.
     :param slab_scale: slab SD in units of ``genetic_sd / sqrt(p0)``.
-    :param spike_scale: spike SD in units of ``genetic_sd / sqrt(M)``.
+    :param spike_scale: spike SD in units of ``genetic_sd / sqrt(M)`` (the ridge's scale).
     :param shared: one indicator per marker for all curve parameters.
     :param plate: the model's marker plate (default: a new :func:`marker_plate`).
     """

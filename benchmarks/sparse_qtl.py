@@ -1,0 +1,189 @@
+"""Sparse-QTL benchmark: do the sparse marker priors of g2was find 10 true QTL among 60,000
+markers, and how well do the priors (and the neural covariate model) predict the genetic values
+of varieties never phenotyped?
+
+For each seed: simulate the sparse-QTL design (``DesignConfig(sparse_qtl=True)``: 10 QTL per
+curve parameter, 3 of them shared by the three parameters, equal magnitudes, an exact share of
+the genetic variance), fit g2was by mean-field SVI once per marker prior on the phenotyped
+varieties (the held-out ones are in the data with genotypes only, so the export holds their
+predictions), and score:
+
+- ``power_exact``: fraction of a parameter's 10 QTL among its 50 top-ranked markers (rank: the
+  posterior inclusion probability, to 3 decimals, for the spike-and-slab, ties broken by the
+  absolute posterior mean effect; the absolute posterior mean effect otherwise);
+- ``power_ld``: fraction of its QTL with a top-50 marker within ``--ld-window`` markers on the
+  same chromosome;
+- ``false_top50``: top-50 markers not within ``--ld-window`` markers of any QTL of the parameter;
+- ``r_heldout``: correlation of predicted and true genetic values of the held-out varieties;
+- ``gsd_ratio``: SD over the phenotyped varieties of the predicted genetic values divided by the
+  true one (a collapse of the genetic variance shows as a ratio near 0).
+
+Writes a Markdown table (with the settings) and a CSV beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from svi_target_design import markdown_table  # benchmarks/ is on the path of its scripts
+
+from pyro_nlme.data import load_data
+from pyro_nlme.export.inference_data import package_versions
+from pyro_nlme.infer.svi import SVIConfig, fit_svi
+from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import CURVE_PARAMETERS, g2was
+
+TOP = 50
+
+
+def ld_hits(candidates: np.ndarray, targets: np.ndarray, chromosome, position, window: int):
+    """bool ``[len(candidates)]``: a candidate within ``window`` markers of some target."""
+    same = chromosome[candidates][:, None] == chromosome[targets][None, :]
+    near = np.abs(position[candidates][:, None] - position[targets][None, :]) <= window
+    return (same & near).any(1)
+
+
+def score(prior, fit, dataset, data, window) -> list[dict]:
+    posterior = fit.inference_data.posterior
+    truth = dataset.truth
+    heldout = truth["heldout"].values
+    chromosome, position = truth["chromosome"].values, truth["position"].values
+    if prior == "neural":
+        predicted = posterior["marker_network_value"].mean(("chain", "draw", "scenario")).values
+        keys = None
+    else:
+        effect = posterior["marker_effect"].mean(("chain", "draw")).values
+        predicted = data.markers.standardized_matmul(torch.as_tensor(effect).float()).numpy()
+        keys = [np.abs(effect)]
+        if "marker_effect_inclusion_probability" in posterior:
+            pip = posterior["marker_effect_inclusion_probability"].mean(("chain", "draw")).values
+            keys.append(pip.round(3))  # primary key (last); ties broken by |effect|
+    true_value = truth["genetic_value"].values
+    rows = []
+    for k, parameter in enumerate(CURVE_PARAMETERS):
+        row = {
+            "prior": prior,
+            "curve_parameter": parameter,
+            "r_heldout": np.corrcoef(predicted[heldout, k], true_value[heldout, k])[0, 1],
+            "gsd_ratio": predicted[~heldout, k].std() / true_value[~heldout, k].std(),
+        }
+        if "genetic_sd" in posterior:
+            row["genetic_sd_post"] = float(
+                posterior["genetic_sd"].sel(curve_parameter=parameter).mean()
+            )
+        if keys is not None:
+            qtl = np.flatnonzero(truth["qtl"].values[:, k])
+            top = np.lexsort([-key[:, k] for key in keys])[:TOP]
+            row["power_exact"] = np.isin(qtl, top).mean()
+            row["power_ld"] = ld_hits(qtl, top, chromosome, position, window).mean()
+            row["false_top50"] = int((~ld_hits(top, qtl, chromosome, position, window)).sum())
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--priors", nargs="+", default=["ridge", "horseshoe", "spike_slab", "neural"]
+    )
+    parser.add_argument("--varieties", type=int, default=200)
+    parser.add_argument("--heldout", type=int, default=50)
+    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--qtl-share", type=float, default=0.8)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=0, help="0: all varieties each step")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--draws", type=int, default=30)
+    parser.add_argument("--ld-window", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/sparse_qtl_benchmark.md")
+    args = parser.parse_args()
+    # On a shared 2-core machine torch's two intra-op threads made a step 10x slower than one.
+    torch.set_num_threads(args.threads)
+
+    config = DesignConfig(
+        n_varieties=args.varieties,
+        n_heldout=args.heldout,
+        n_markers=60_000,
+        n_plants=1,
+        n_days=args.days,
+        sparse_qtl=True,
+        qtl_variance_share=args.qtl_share,
+    )
+    svi = SVIConfig(
+        guide="normal",
+        batch_size=args.batch or None,
+        max_steps=args.steps,
+        lr=args.lr,
+        lr_final=args.lr / 10,
+        stopping=None,
+        num_draws=args.draws,
+        progress=False,
+    )
+    rows = []
+    started = time.perf_counter()
+    for seed in args.seeds:
+        dataset = simulate_design(config, seed=seed)
+        data = load_data(dataset.phenotypes, markers=dataset.genotype_table())
+        order = [data.variety_ids.index(v) for v in dataset.variety_ids]
+        assert order == list(range(len(order))), "data rows must follow the simulator's"
+        for prior in args.priors:
+            tic = time.perf_counter()
+            fit = fit_svi(
+                g2was,
+                data,
+                dataclasses.replace(svi, seed=seed),
+                model_kwargs={"marker_prior": prior},
+            )
+            wall = time.perf_counter() - tic
+            for row in score(prior, fit, dataset, data, args.ld_window):
+                rows.append({"seed": seed, "wall_s": wall, **row})
+            print(pd.DataFrame(rows).tail(3).to_string(), flush=True)
+        write(pd.DataFrame(rows), args, config, svi, time.perf_counter() - started)
+
+
+def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total: float):
+    out = Path(args.out)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    metrics = ["power_exact", "power_ld", "false_top50", "r_heldout", "gsd_ratio"]
+    summary = table.groupby(["prior", "curve_parameter"], sort=False)[metrics].mean()
+    lines = [
+        "# Sparse-QTL benchmark",
+        "",
+        f"Command: `python benchmarks/sparse_qtl.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --varieties {args.varieties} "
+        f"--heldout {args.heldout} --days {args.days} --qtl-share {args.qtl_share} "
+        f"--draws {args.draws} --ld-window {args.ld_window} --threads {args.threads}`",
+        "",
+        f"Design: {config.n_varieties} phenotyped + {config.n_heldout} held-out varieties, "
+        f"3 scenarios, {config.n_plants} plant, {config.n_days} days, {config.n_markers} markers; "
+        f"sparse-QTL mode, {config.n_qtl} QTL per curve parameter ({config.n_shared_qtl} shared), "
+        f"QTL share of the genetic variance {config.qtl_variance_share}. "
+        f"SVI: mean-field guide, {svi.max_steps} steps, batch {svi.batch_size or 'all'}, "
+        f"lr {svi.lr} -> {svi.lr_final}, {svi.num_draws} draws. Total wall time {total:.0f} s.",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; "
+        f"versions: {json.dumps(package_versions())}",
+        "",
+        "Mean over seeds:",
+        "",
+        markdown_table(summary.reset_index()),
+        "",
+        "Per seed:",
+        "",
+        markdown_table(table),
+        "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
