@@ -4,9 +4,13 @@ and (once an SVI fit of the same data is given) the agreement with SVI.
 The full design is 250 varieties x 3 scenarios x 2 plants x 21 days with 60,000 markers; on a
 shared 2-core machine Pyro's NUTS cannot sample it in minutes, so the size is a flag. Writes a
 row to ``docs/benchmarks/nuts_target_design.csv`` and the fit to ``--save`` (netCDF) if given.
+``--gradient-cost`` only measures what one gradient of the density NUTS samples costs (JIT
+compiled, as the sampler runs it), for estimating a run before starting it: a row in
+``docs/benchmarks/nuts_gradient_cost.csv``.
 
 Usage::
 
+    python benchmarks/nuts_target_design.py --gradient-cost
     python benchmarks/nuts_target_design.py --varieties 20 --markers 60000 --warmup 150 \\
         --samples 150 --chains 2 [--svi svi_fit.nc]
 
@@ -72,6 +76,38 @@ def compare_with_svi(
     return pd.DataFrame(rows)
 
 
+def gradient_cost(model, data, repeats: int = 30, **model_kwargs) -> dict[str, float]:
+    """Seconds per gradient of the potential energy NUTS integrates (non-centred model, JIT
+    compiled as in :class:`~pyro_nlme.infer.nuts.RecordingNUTS`), median of ``repeats``
+    evaluations after three warm-up calls, and the number of latent scalars."""
+    import torch
+    from pyro.infer.mcmc.util import initialize_model
+
+    from pyro_nlme.infer.nuts import non_centred
+    from pyro_nlme.infer.nuts_init import init_to_prior_median
+
+    sampled, _ = non_centred(model, data, **model_kwargs)
+    params, potential_fn, _, _ = initialize_model(
+        sampled,
+        model_args=(data,),
+        model_kwargs=model_kwargs,
+        init_strategy=init_to_prior_median,
+        jit_compile=True,
+        skip_jit_warnings=True,
+    )
+    point = {name: value.detach().requires_grad_() for name, value in params.items()}
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        torch.autograd.grad(potential_fn(point), list(point.values()))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return {
+        "latent_scalars": int(sum(value.numel() for value in params.values())),
+        "s_per_gradient": float(np.median(times)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--varieties", type=int, default=250)
@@ -85,6 +121,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, default=None, help="netCDF of the NUTS fit")
     parser.add_argument("--svi", type=Path, default=None, help="netCDF of an SVI fit")
+    parser.add_argument(
+        "--gradient-cost", action="store_true", help="only time a gradient of the density"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -99,6 +138,22 @@ def main() -> None:
     )
     data = load_data(sim.phenotypes, markers=sim.genotype_table())
     prepare_s = time.perf_counter() - start
+    if args.gradient_cost:
+        start = time.perf_counter()
+        cost = gradient_cost(g2was, data, marker_form="kinship")
+        row = {
+            "varieties": args.varieties,
+            "markers": args.markers,
+            "plants": args.plants,
+            "days": args.days,
+            "observations": int(data.mask.sum()),
+            **cost,
+            "setup_and_timing_s": time.perf_counter() - start,
+            "simulate_and_load_s": prepare_s,
+        }
+        _append(OUT / "nuts_gradient_cost.csv", row)
+        print(pd.Series(row).to_string())
+        return
     config = NUTSConfig(
         chains=args.chains,
         warmup=args.warmup,
@@ -160,16 +215,19 @@ def main() -> None:
         "median_ess_per_s_population": float(np.median(population_ess) / wall),
         "median_ess_per_s_genetic_value": float(np.median(ess_genetic) / wall),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    csv = OUT / "nuts_target_design.csv"
-    frame = pd.DataFrame([row])
-    if csv.exists():
-        frame = pd.concat([pd.read_csv(csv), frame], ignore_index=True)
-    frame.to_csv(csv, index=False)
+    _append(OUT / "nuts_target_design.csv", row)
     print(fit.report())
     print(pd.Series(row).to_string())
     if args.svi:
         print(compare_with_svi(idata, az.from_netcdf(str(args.svi))).to_string(index=False))
+
+
+def _append(csv: Path, row: dict) -> None:
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([row])
+    if csv.exists():
+        frame = pd.concat([pd.read_csv(csv), frame], ignore_index=True)
+    frame.to_csv(csv, index=False)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
-from pyro.infer.mcmc.util import initialize_model
 from pyro.infer.reparam import LocScaleReparam
 from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.diagnostics.summary import posterior_table
 from pyro_nlme.export import to_inference_data
+from pyro_nlme.infer.nuts_init import INIT_MEDIAN_DRAWS, ChainStart, laplace_start
 from pyro_nlme.infer.result import FitResult
 from pyro_nlme.infer.util import ModelStructure, model_structure, summary_sites, trace_model
 
@@ -49,7 +49,7 @@ LOC_SCALE_FAMILIES = (
     dist.Laplace,
     torch.distributions.Normal,
 )
-INIT_MEDIAN_DRAWS = 15
+DENSE_MASS_MAX_DIM = 256
 SAMPLE_STATS = ("diverging", "tree_depth", "n_steps", "step_size", "energy", "accept_prob", "lp")
 
 
@@ -61,18 +61,23 @@ class NUTSConfig:
     :param warmup: warm-up (adaptation) iterations per chain, discarded.
     :param samples: draws kept per chain.
     :param target_accept: target mean acceptance probability of the step-size adaptation.
-    :param dense_mass: adapt a dense mass matrix (else diagonal).
+    :param dense_mass: adapt a dense mass matrix (else diagonal); None: dense when the sampled
+        latents have at most :data:`DENSE_MASS_MAX_DIM` scalars. A dense matrix captures the
+        linear ridge between a population mean and the random effects around it (Orange:
+        ``asymptote + asymptote_effect[i]`` is pinned by each tree's data to about 3 mm while
+        ``asymptote`` has a posterior SD of 32 mm), which a diagonal one cannot; it costs
+        ``N^2`` per leapfrog step and ``N^3`` per adaptation window.
     :param max_tree_depth: at most ``2 ** max_tree_depth`` leapfrog steps per draw.
     :param initial_window_tree_depth: cap on the tree depth during the first adaptation window
         of the warm-up, while the mass matrix is still the identity (None: no cap). That window
         only has to reach the typical set and give a first variance estimate; with badly scaled
         latents (posterior SDs from 0.01 to 1) an uncapped tree costs ``2 ** max_tree_depth``
         gradients per iteration there. Draws and later windows are not affected.
-    :param init_steps: Adam steps (learning rate 0.05) on the log density, from the prior
-        medians, before the warm-up (0: start at the prior medians). Off by default: on a
-        centred hierarchical model the joint density has no mode (it grows without bound as a
-        random-effect SD goes to 0), and 300 steps started Orange in that funnel's neck, ten
-        times slower than from the prior medians (docs/nuts.md).
+    :param init_iterations: L-BFGS iterations of the Laplace start
+        (:func:`pyro_nlme.infer.nuts_init.laplace_start`): chain ``c`` starts at a draw of the
+        Laplace approximation at the mode of the sampled density, and the first adaptation
+        window uses its covariance as the inverse mass matrix. 0: Pyro's default (start at
+        the median of prior draws, identity mass matrix), which fails on Orange (docs/nuts.md).
     :param jit: compile the potential energy with the PyTorch JIT (pays off for small models,
         whose cost is Python overhead).
     :param reparam: sample location-scale individual latents non-centred.
@@ -85,10 +90,10 @@ class NUTSConfig:
     warmup: int = 500
     samples: int = 500
     target_accept: float = 0.8
-    dense_mass: bool = False
+    dense_mass: bool | None = None
     max_tree_depth: int = 10
     initial_window_tree_depth: int | None = 6
-    init_steps: int = 0
+    init_iterations: int = 500
     jit: bool = True
     reparam: bool = True
     seed: int = 0
@@ -138,6 +143,28 @@ def reparametrised_sites(model: Callable, data: NLMEData, **model_kwargs) -> lis
     return names
 
 
+def latent_size(model: Callable, data: NLMEData, **model_kwargs) -> int:
+    """Number of scalars NUTS samples: the sampled (non-observed) sites of one trace."""
+    trace = trace_model(model, data, **model_kwargs)
+    return sum(
+        site["value"].numel()
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and not site["infer"].get("_deterministic", False)
+    )
+
+
+def non_centred(model: Callable, data: NLMEData, **model_kwargs) -> tuple[Callable, list[str]]:
+    """The model with every site of :func:`reparametrised_sites` sampled fully non-centred
+    (the model itself if there is none), and those sites."""
+    sites = reparametrised_sites(model, data, **model_kwargs)
+    if not sites:
+        return model, sites
+    return poutine.reparam(model, config={name: _NonCentredReparam() for name in sites}), sites
+
+
 class RecordingNUTS(NUTS):
     """Pyro's :class:`~pyro.infer.NUTS`, recording for every transition (warm-up included) the
     statistics Pyro computes but does not keep, in :attr:`transitions` (one dict per
@@ -159,11 +186,22 @@ class RecordingNUTS(NUTS):
     ``_build_tree``) without changing what they compute: the sampler's draws are Pyro's.
 
     :param initial_window_tree_depth: cap on the tree depth while the warm-up is in its first
-        adaptation window (identity mass matrix); None: no cap.
+        adaptation window; None: no cap.
+    :param initial_inverse_mass: maps the mass matrix's blocks (tuple of site names -> whether
+        the block is dense) to their inverse mass matrices (``[n, n]`` or ``[n]``), used until
+        the first mass-matrix window ends (None: Pyro's identity). The step size is searched
+        again under them.
     """
 
-    def __init__(self, *args, initial_window_tree_depth: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        initial_window_tree_depth: int | None = None,
+        initial_inverse_mass: Callable[[dict[tuple[str, ...], bool]], dict] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._initial_inverse_mass = initial_inverse_mass
         self._configured_tree_depth = self._max_tree_depth
         self._initial_window_tree_depth = initial_window_tree_depth
         self.transitions: list[dict[str, float]] = []
@@ -171,6 +209,20 @@ class RecordingNUTS(NUTS):
         self._nesting = 0
         self._trees: list[tuple[int, float, bool, bool]] = []
         self._start_energy = math.nan
+
+    def _initialize_adapter(self):
+        super()._initialize_adapter()
+        if self._initial_inverse_mass is None:
+            return
+        mass_matrix = self._adapter.mass_matrix_adapter
+        identity = mass_matrix.inverse_mass_matrix
+        blocks = {sites: matrix.dim() == 2 for sites, matrix in identity.items()}
+        mass_matrix.inverse_mass_matrix = {
+            sites: matrix.to(identity[sites])
+            for sites, matrix in self._initial_inverse_mass(blocks).items()
+        }
+        if self._adapter.adapt_step_size:
+            self._adapter.reset_step_size_adaptation(self._initial_params)
 
     def _sample_r(self, name):
         r, r_unscaled = super()._sample_r(name)
@@ -253,44 +305,20 @@ def recover_centred(
     return {name: torch.stack(draws) for name, draws in values.items()}
 
 
-def optimised_start(
-    model: Callable, data: NLMEData, steps: int, **model_kwargs
-) -> dict[str, torch.Tensor]:
-    """A starting point for every chain: ``steps`` Adam steps (learning rate 0.05) on the
-    potential energy (minus the log density on the unconstrained space, Jacobians included)
-    from the prior medians. Returns constrained values of the model's sampled sites."""
-    params, potential_fn, transforms, _ = initialize_model(
-        model,
-        model_args=(data,),
-        model_kwargs=model_kwargs,
-        init_strategy=init_to_median(num_samples=INIT_MEDIAN_DRAWS),
-    )
-    params = {name: value.detach().clone().requires_grad_() for name, value in params.items()}
-    optimiser = torch.optim.Adam(list(params.values()), lr=0.05)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        potential = potential_fn(params)
-        if not torch.isfinite(potential):
-            break
-        potential.backward()
-        optimiser.step()
-    with torch.no_grad():
-        return {name: transforms[name].inv(value) for name, value in params.items()}
-
-
 def _run_chain(
     model: Callable,
     data: NLMEData,
     config: NUTSConfig,
     chain: int,
+    start: ChainStart | None,
     model_kwargs: dict,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]], dict[str, float]]:
     pyro.set_rng_seed(config.seed + chain)
-    if config.init_steps:
-        start = optimised_start(model, data, config.init_steps, **model_kwargs)
-        init_strategy = init_to_value(values=start)
-    else:
+    if start is None:
         init_strategy = init_to_median(num_samples=INIT_MEDIAN_DRAWS)
+    else:
+        generator = torch.Generator().manual_seed(config.seed + chain)
+        init_strategy = init_to_value(values=start.draw(generator))
     kernel = RecordingNUTS(
         model,
         target_accept_prob=config.target_accept,
@@ -300,6 +328,7 @@ def _run_chain(
         jit_compile=config.jit,
         ignore_jit_warnings=True,
         init_strategy=init_strategy,
+        initial_inverse_mass=None if start is None else start.inverse_mass_matrix,
     )
     mcmc = MCMC(
         kernel,
@@ -355,15 +384,32 @@ def fit_nuts(
     model_kwargs = dict(model_kwargs or {})
     data = data.to(config.device)
     structure = model_structure(model, data, **model_kwargs)
-    reparam_sites = reparametrised_sites(model, data, **model_kwargs) if config.reparam else []
-    sampled_model = (
-        poutine.reparam(model, config={name: _NonCentredReparam() for name in reparam_sites})
-        if reparam_sites
-        else model
+    non_centred_model, location_scale_sites = non_centred(model, data, **model_kwargs)
+    reparam_sites = location_scale_sites if config.reparam else []
+    sampled_model = non_centred_model if reparam_sites else model
+    if config.dense_mass is None:
+        config = dataclasses.replace(
+            config,
+            dense_mass=latent_size(sampled_model, data, **model_kwargs) <= DENSE_MASS_MAX_DIM,
+        )
+    start = (
+        laplace_start(
+            sampled_model,
+            data,
+            dense=config.dense_mass,
+            search_model=None if sampled_model is non_centred_model else non_centred_model,
+            max_iterations=config.init_iterations,
+            seed=config.seed,
+            **model_kwargs,
+        )
+        if config.init_iterations
+        else None
     )
     chain_draws, chain_stats, history = [], [], []
     for chain in range(config.chains):
-        samples, transitions, timing = _run_chain(sampled_model, data, config, chain, model_kwargs)
+        samples, transitions, timing = _run_chain(
+            sampled_model, data, config, chain, start, model_kwargs
+        )
         if reparam_sites:
             samples = {
                 **{k: v for k, v in samples.items() if k in structure.latent},
@@ -385,7 +431,10 @@ def fit_nuts(
         **dataclasses.asdict(config),
         "chain_method": "sequential",
         "init_strategy": (
-            f"{config.init_steps} Adam steps from init_to_median(num_samples={INIT_MEDIAN_DRAWS})"
+            f"draw of the Laplace approximation at the mode ({config.init_iterations} L-BFGS "
+            "iterations from the prior medians), its covariance as the first inverse mass matrix"
+            if start is not None
+            else f"init_to_median(num_samples={INIT_MEDIAN_DRAWS}), identity mass matrix"
         ),
         "reparametrised_sites": reparam_sites,
     }

@@ -1,0 +1,239 @@
+"""Where NUTS chains start, and with which mass matrix: a Laplace approximation of the density
+NUTS samples, at its mode found by L-BFGS.
+
+Pyro's default start fails on vague priors. ``init_to_median`` takes the median of 15 *prior
+draws*, which for Orange's ``Normal(214, 2140)`` asymptote prior lands hundreds of mm from the
+prior's own median; a chain started there with an identity mass matrix spends its first
+adaptation window (75 iterations) far out with one step size for latents whose posterior SDs
+span four orders of magnitude (0.05 for a log-scale SD, 40 days for an inflection), the first
+mass-matrix window then estimates variances from that transient, and the chain either collapses
+its step size or stays in a far ridge that the vague priors allow (docs/nuts.md). An SVI start
+does not cure it: Adam moves each unconstrained coordinate by about its learning rate per step,
+so a latent in days needs thousands of steps to travel a hundred days.
+
+Here every chain starts from a quasi-Newton fit, which is scale-free:
+
+1. the exact prior median of every site (``icdf(0.5)``; the median of prior draws where a
+   distribution has no ``icdf``);
+2. L-BFGS (strong Wolfe line search) on the potential energy, the negative log density on the
+   unconstrained space with its Jacobians, the space and density Pyro's HMC uses;
+3. the Hessian there: its inverse is the Laplace covariance, the first window's inverse mass
+   matrix (dense), or the inverse of its diagonal (for large models, where the diagonal comes
+   from Hessian-vector products with Rademacher probes);
+4. chain ``c`` starts at a draw of that Gaussian (seeded), so chains start apart.
+
+It only sets where the warm-up starts and the first window's metric; the warm-up still adapts
+both, and the draws are NUTS's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.mcmc.util import initialize_model
+
+from pyro_nlme.data import NLMEData
+
+INIT_MEDIAN_DRAWS = 15
+DIAGONAL_PROBES = 32
+MIN_CURVATURE = 1e-8
+
+
+def init_to_prior_median(site: dict | None = None):
+    """Pyro init strategy: the exact median of the site's prior (``icdf(0.5)`` of the base
+    distribution under ``Independent``/``Masked`` wrappers, broadcast to the site's shape),
+    else the median of :data:`INIT_MEDIAN_DRAWS` prior draws (``init_to_median``)."""
+    if site is None:
+        return init_to_prior_median
+    fn = site["fn"]
+    base = fn
+    while isinstance(base, (dist.Independent, dist.MaskedDistribution)):
+        base = base.base_dist
+    try:
+        median = base.icdf(torch.full(base.batch_shape, 0.5).to(base.mean))
+    except (NotImplementedError, AttributeError, ValueError):
+        return init_to_median(site, num_samples=INIT_MEDIAN_DRAWS)
+    shape = fn.batch_shape + fn.event_shape
+    if not torch.isfinite(median).all() or not fn.support.check(median.expand(shape)).all():
+        return init_to_median(site, num_samples=INIT_MEDIAN_DRAWS)
+    return median.expand(shape).clone()
+
+
+@dataclass(frozen=True)
+class ChainStart:
+    """A Gaussian on the unconstrained space of a model's sampled sites, flattened.
+
+    :param loc: ``[N]`` location (the mode), the sites' unconstrained values concatenated.
+    :param covariance: ``[N, N]`` covariance, or ``[N]`` variances.
+    :param index: site -> its slice of the flat vector.
+    :param shapes: site -> unconstrained shape.
+    :param transforms: site -> bijection from the unconstrained space to the site's support
+        (those of Pyro's HMC).
+    :param potential_energy: potential energy at ``loc`` (nats).
+    """
+
+    loc: torch.Tensor
+    covariance: torch.Tensor
+    index: dict[str, slice]
+    shapes: dict[str, torch.Size]
+    transforms: dict[str, object]
+    potential_energy: float
+
+    def draw(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One draw of every site, constrained (``init_to_value`` values): a chain's start."""
+        noise = torch.randn(self.loc.shape, generator=generator, dtype=torch.float64)
+        noise = noise.to(self.loc)
+        if self.covariance.dim() == 1:
+            flat = self.loc + self.covariance.sqrt() * noise
+        else:
+            flat = self.loc + torch.linalg.cholesky(self.covariance) @ noise
+        return {
+            name: self.transforms[name](flat[where].reshape(self.shapes[name]))
+            for name, where in self.index.items()
+        }
+
+    def inverse_mass_matrix(self, blocks: Mapping[tuple[str, ...], bool]) -> dict:
+        """The covariance as Pyro's block inverse mass matrix.
+
+        :param blocks: block (tuple of site names, flattened in that order, as
+            :class:`~pyro.infer.mcmc.adaptation.BlockMassMatrix` does) -> whether it is dense.
+        :returns: block -> ``[n, n]`` sub-covariance (dense block) or ``[n]`` variances.
+        """
+        out = {}
+        for sites, dense in blocks.items():
+            rows = torch.cat(
+                [torch.arange(self.index[n].start, self.index[n].stop) for n in sites]
+            ).to(self.loc.device)
+            if self.covariance.dim() == 1:
+                variance = self.covariance[rows]
+                out[sites] = torch.diag(variance) if dense else variance
+            else:
+                block = self.covariance[rows][:, rows]
+                out[sites] = block if dense else block.diagonal()
+        return out
+
+
+def _positive_definite_inverse(hessian: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric matrix with its eigenvalues clipped below at
+    :data:`MIN_CURVATURE` times the largest (a saddle or flat direction gets a wide but finite
+    variance instead of a negative one)."""
+    values, vectors = torch.linalg.eigh((hessian + hessian.T) / 2)
+    values = values.clamp(min=MIN_CURVATURE * values.abs().max())
+    return (vectors / values) @ vectors.T
+
+
+def _flat_potential(model: Callable, data: NLMEData, init_strategy, model_kwargs: dict):
+    """Pyro's potential energy of ``model`` as a function of one flat unconstrained vector:
+    ``(potential, start, index, shapes, transforms)``."""
+    params, potential_fn, transforms, _ = initialize_model(
+        model, model_args=(data,), model_kwargs=model_kwargs, init_strategy=init_strategy
+    )
+    shapes = {name: value.shape for name, value in params.items()}
+    index, offset = {}, 0
+    for name, shape in shapes.items():
+        index[name] = slice(offset, offset + shape.numel())
+        offset += shape.numel()
+
+    def potential(flat: torch.Tensor) -> torch.Tensor:
+        return potential_fn({n: flat[w].reshape(shapes[n]) for n, w in index.items()})
+
+    start = torch.cat([value.detach().reshape(-1) for value in params.values()])
+    # Pyro's HMC transforms map a site's support to the real space; ChainStart keeps the inverse.
+    return potential, start, index, shapes, {n: t.inv for n, t in transforms.items()}
+
+
+def _minimise(potential: Callable, start: torch.Tensor, max_iterations: int) -> torch.Tensor:
+    flat = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([flat], max_iter=max_iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        energy = potential(flat)
+        energy.backward()
+        return energy
+
+    optimiser.step(closure)
+    return flat.detach()
+
+
+def laplace_start(
+    model: Callable,
+    data: NLMEData,
+    *,
+    dense: bool,
+    search_model: Callable | None = None,
+    max_iterations: int = 500,
+    seed: int = 0,
+    **model_kwargs,
+) -> ChainStart:
+    """Laplace approximation of the density NUTS samples (see the module docstring).
+
+    :param model: the model NUTS samples (after any reparametrisation), ``model(data, **kw)``.
+    :param dense: return the full inverse Hessian (``N`` Hessian-vector products; for small
+        models), else the inverse of the Hessian's diagonal (estimated from
+        :data:`DIAGONAL_PROBES` Rademacher probes).
+    :param search_model: the same model in the parametrisation whose mode is searched (None:
+        ``model``). A centred hierarchy has no mode (its density grows without bound as a
+        random-effect SD goes to 0 with the effects: L-BFGS follows that funnel to SD
+        ``1e-20``), its non-centred form has one; the mode found there is mapped to ``model``'s
+        sites by replaying ``search_model`` (which must record ``model``'s sampled sites, as
+        :class:`~pyro.infer.reparam.LocScaleReparam` does). Dense: the covariance is the search
+        space's Laplace covariance pushed through that map's Jacobian; diagonal: from
+        ``model``'s Hessian at the mapped point.
+    :param max_iterations: L-BFGS iterations (each a few gradients).
+    :param seed: seeds the probes and the fallback prior draws; the global RNG state is
+        restored afterwards.
+    """
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        pyro.set_rng_seed(seed)
+        potential, flat, index, shapes, transforms = _flat_potential(
+            model, data, init_to_prior_median, model_kwargs
+        )
+        if search_model is None:
+            loc = _minimise(potential, flat, max_iterations)
+        else:
+            search = _flat_potential(search_model, data, init_to_prior_median, model_kwargs)
+            search_potential, search_flat, search_index, search_shapes, search_transforms = search
+            mode = _minimise(search_potential, search_flat, max_iterations)
+
+            def to_model(point: torch.Tensor) -> torch.Tensor:
+                values = {
+                    n: search_transforms[n](point[w].reshape(search_shapes[n]))
+                    for n, w in search_index.items()
+                }
+                conditioned = poutine.condition(search_model, data=values)
+                trace = poutine.trace(conditioned).get_trace(data, **model_kwargs)
+                return torch.cat(
+                    [transforms[n].inv(trace.nodes[n]["value"]).reshape(-1) for n in index]
+                )
+
+            loc = to_model(mode).detach().to(flat)
+        energy = float(potential(loc))
+        if search_model is not None and dense:
+            # Push the search space's Laplace covariance forward through the map: at a point
+            # that is not a mode of ``model``'s density its Hessian need not be positive.
+            search_hessian = torch.autograd.functional.hessian(search_potential, mode)
+            jacobian = torch.autograd.functional.jacobian(to_model, mode)
+            covariance = jacobian @ _positive_definite_inverse(search_hessian) @ jacobian.T
+        elif dense:
+            hessian = torch.autograd.functional.hessian(potential, loc)
+            covariance = _positive_definite_inverse(hessian)
+        else:
+            covariance = 1 / _hessian_diagonal(potential, loc).clamp(min=MIN_CURVATURE)
+    return ChainStart(loc, covariance, index, shapes, transforms, energy)
+
+
+def _hessian_diagonal(potential: Callable, point: torch.Tensor) -> torch.Tensor:
+    """Hutchinson estimate ``mean(v * H v)`` of the Hessian's diagonal, ``v`` Rademacher."""
+    total = torch.zeros_like(point)
+    for _ in range(DIAGONAL_PROBES):
+        probe = torch.randint(0, 2, point.shape).to(point) * 2 - 1
+        _, product = torch.autograd.functional.hvp(potential, point, probe)
+        total += probe * product
+    return total / DIAGONAL_PROBES
