@@ -238,3 +238,125 @@ def test_kinship_form_shapes(simulated_data):
     structure = model_structure(g2was, simulated_data, marker_form="kinship")
     assert "genetic_value_raw" in structure.population
     assert "genetic_value" in structure.deterministic
+
+
+def test_marker_prior_is_checked(simulated_data):
+    with pytest.raises(ValueError, match="marker_prior"):
+        poutine.trace(g2was).get_trace(simulated_data, marker_prior="lasso")
+    with pytest.raises(ValueError, match="kinship"):
+        poutine.trace(g2was).get_trace(
+            simulated_data, marker_form="kinship", marker_prior="horseshoe"
+        )
+    with pytest.raises(ValueError, match="neural"):
+        poutine.trace(g2was).get_trace(simulated_data, marker_prior="neural", marker_gxe=True)
+
+
+@pytest.mark.parametrize(
+    ("marker_prior", "per_marker", "global_"),
+    [
+        (
+            "horseshoe",
+            {"marker_effect", "marker_effect_local_scale"},
+            {"marker_effect_global_scale", "marker_effect_slab_variance"},
+        ),
+        ("spike_slab_shared", {"marker_effect_standardised"}, {"marker_effect_inclusion"}),
+    ],
+)
+def test_sparse_priors_in_the_model(simulated_data, marker_prior, per_marker, global_):
+    structure = model_structure(g2was, simulated_data, marker_prior=marker_prior)
+    assert ("genetic_sd" in structure.population) == (marker_prior != "horseshoe")
+    for name in per_marker:
+        assert structure.population[name].plate_dims == {-1: "marker"}
+        assert structure.population[name].shape[0] == N_MARKERS
+    for name in global_:
+        assert structure.population[name].plate_dims == {}
+
+
+def test_marker_gxe_adds_scenario_specific_effects(simulated_data):
+    """curve = logistic(scenario mean + Z beta + Z delta[:, s] + G x E + plant), by hand."""
+    rows = torch.arange(N_VARIETIES)
+    trace = poutine.trace(g2was).get_trace(simulated_data, marker_gxe=True)
+    value = {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}
+    assert value["marker_scenario_effect"].shape == (N_MARKERS, N_SCENARIOS, 3)
+    z = simulated_data.markers.standardized(rows)
+    genetic = (z @ value["marker_effect"])[:, None, :] + torch.einsum(
+        "vm,msk->vsk", z, value["marker_scenario_effect"]
+    )
+    phi = (
+        value["scenario_mean"][None, :, None, :]
+        + genetic[:, :, None, :]
+        + value["variety_scenario_effect"][:, :, :, 0, :]
+        + value["plant_effect"][:, :, :, 0, :]
+    )[..., None, :]
+    log_curve = phi[..., 0] - torch.nn.functional.softplus(
+        -phi[..., 1].exp() * (simulated_data.times - phi[..., 2])
+    )
+    torch.testing.assert_close(trace.nodes["curve"]["value"], log_curve.exp(), rtol=1e-4, atol=1e-4)
+
+
+def test_neural_covariate_model_under_subsampling(simulated_data):
+    """The network's output for a minibatch, by hand from the standardised dosages; its weight
+    prior is population-level (not scaled), the observations are scaled by N / B."""
+    import pyro
+
+    batch_size = 5
+    poutine.trace(g2was).get_trace(simulated_data, marker_prior="neural")  # creates the params
+    store = pyro.get_param_store()
+    with torch.no_grad():  # a non-zero output layer, so that the output depends on W1
+        store["marker_network.output.weight"].normal_()
+        store["marker_network.scenario_embedding"].normal_()
+    trace = poutine.trace(g2was).get_trace(
+        simulated_data, subsample_size=batch_size, marker_prior="neural"
+    )
+    trace.compute_log_prob()
+    rows = trace.nodes["variety"]["value"]
+    z = simulated_data.markers.standardized(rows)
+    hidden = torch.nn.functional.elu(
+        (z @ store["marker_network.marker_layer.weight"] / N_MARKERS**0.5)[:, None, :]
+        + store["marker_network.marker_layer.bias"]
+        + store["marker_network.scenario_embedding"]
+    )
+    expected = hidden @ store["marker_network.output.weight"]
+    network_value = trace.nodes["marker_network_value"]["value"]
+    assert network_value.shape == (batch_size, N_SCENARIOS, 1, 1, 3)
+    torch.testing.assert_close(network_value[:, :, 0, 0], expected, rtol=1e-4, atol=1e-5)
+    assert trace.nodes["marker_network_weight_prior"]["scale"] == 1.0
+    assert trace.nodes["obs"]["scale"] == N_VARIETIES / batch_size
+    assert "genetic_sd" not in trace.nodes
+
+
+def test_neural_covariate_model_fits_by_minibatch_svi(simulated_data):
+    from pyro_nlme.infer.svi import SVIConfig, fit_svi
+
+    config = SVIConfig(
+        guide="normal", batch_size=8, max_steps=5, num_draws=3, stopping=None, progress=False
+    )
+    fit = fit_svi(g2was, simulated_data, config, model_kwargs={"marker_prior": "neural"})
+    assert np.isfinite(fit.history["loss"]).all()
+    network_value = fit.inference_data.posterior["marker_network_value"]
+    assert network_value.dims == ("chain", "draw", "variety", "scenario", "curve_parameter")
+    assert np.isfinite(network_value.values).all()
+
+
+def test_cli_fit_with_a_marker_prior(tmp_path, simulated_design):
+    import arviz as az
+
+    from pyro_nlme.cli import main
+
+    phenotypes, markers = tmp_path / "phenotypes.csv", tmp_path / "markers.csv"
+    simulated_design.phenotypes.to_csv(phenotypes, index=False)
+    simulated_design.genotype_table().to_csv(markers, index=False)
+    out = tmp_path / "fit.nc"
+    arguments = ["fit", "--phenotypes", str(phenotypes), "--markers", str(markers)]
+    arguments += ["--marker-prior", "spike_slab_shared", "--guide", "normal", "--max-steps", "3"]
+    arguments += ["--batch-size", "8", "--draws", "2", "--no-progress", "--out", str(out)]
+    assert main(arguments) == 0
+    posterior = az.from_netcdf(str(out)).posterior
+    assert '"marker_prior": "spike_slab_shared"' in posterior.attrs["model_kwargs"]
+    for name in ("marker_effect", "marker_effect_inclusion_probability"):
+        assert posterior[name].dims == ("chain", "draw", "marker", "curve_parameter")
+        assert list(posterior[name]["marker"].values) == simulated_design.marker_ids
+    pip = posterior["marker_effect_inclusion_probability"].values
+    assert ((pip >= 0) & (pip <= 1)).all()
+    # shared: one inclusion probability per marker for the three curve parameters
+    np.testing.assert_array_equal(pip[..., 0], pip[..., 2])
