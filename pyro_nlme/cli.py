@@ -11,8 +11,14 @@ import arviz as az
 import pyro
 
 from pyro_nlme.data import DataError, NLMEData, load_data
+from pyro_nlme.model.observations import OBSERVATION_MODELS
 from pyro_nlme.model.registry import BUILTIN_MODELS, DEFAULT_MODEL, accepts, resolve_model
 from pyro_nlme.simulate.phenotypes import TRAITS
+
+LIKELIHOOD_HELP = (
+    f"observation model, where the model offers a choice: {', '.join(OBSERVATION_MODELS)} "
+    "(ordinal:C for C categories; docs/observation_models.md)"
+)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     prior = commands.add_parser("prior", help="prior predictive summary of a model on a design")
     _add_data_arguments(prior)
     prior.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    prior.add_argument("--likelihood", help="observation model, where the model offers a choice")
+    prior.add_argument("--likelihood", help=LIKELIHOOD_HELP)
     prior.add_argument("--draws", type=int, default=200)
     prior.add_argument("--seed", type=int, default=0)
     prior.set_defaults(run=command_prior)
@@ -199,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit a model; writes an ArviZ InferenceData (netCDF)")
     _add_data_arguments(fit)
     fit.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    fit.add_argument("--likelihood", help="observation model, where the model offers a choice")
+    fit.add_argument("--likelihood", help=LIKELIHOOD_HELP)
     fit.add_argument(
         "--marker-form",
         choices=["effects", "kinship"],
