@@ -201,6 +201,21 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
+    def log_axes(ax) -> None:
+        """Log scales spanning at least a decade (so that a major tick is labelled)."""
+        ax.set(xscale="log", yscale="log")
+        for limits, set_limits, axis in (
+            (ax.get_xlim, ax.set_xlim, ax.xaxis),
+            (ax.get_ylim, ax.set_ylim, ax.yaxis),
+        ):
+            low, high = limits()
+            if high / low < 10:
+                middle = np.sqrt(low * high)
+                set_limits(middle / 3.2, middle * 3.2)
+            axis.set_minor_formatter(NullFormatter())
 
     ok = cells[cells["status"] == "ok"]
     engines = sorted(cells["engine"].unique())
@@ -211,7 +226,11 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
     if len(scored):
         datasets = list(dict.fromkeys(scored["dataset"]))
         fig, axes = plt.subplots(
-            1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False
+            1,
+            len(datasets),
+            figsize=(4.2 * len(datasets) + 1.5, 3.6),
+            squeeze=False,
+            layout="constrained",
         )
         for ax, dataset in zip(axes[0], datasets, strict=True):
             part = scored[scored["dataset"] == dataset]
@@ -222,10 +241,12 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
                     color=colours[engine],
                     label=engine,
                 )
-            ax.set(xscale="log", yscale="log", title=dataset, xlabel="wall time (s)")
+            log_axes(ax)
+            ax.set(title=dataset, xlabel="wall time (s)")
         axes[0][0].set_ylabel("population parameters: relative RMSE")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
+        present = sorted(scored["engine"].unique())
+        handles = [Line2D([], [], marker="o", linestyle="", color=colours[e]) for e in present]
+        fig.legend(handles, present, loc="outside right center", fontsize=8)
         fig.savefig(out / "accuracy_vs_time.png", dpi=120)
         plt.close(fig)
         written.append("accuracy_vs_time.png")
@@ -261,7 +282,8 @@ def figures(cells: pd.DataFrame, out: Path) -> list[str]:
             style = "-o" if markers else "--s"
             label = f"{engine} ({markers} markers)" if markers else f"{engine} (no markers)"
             ax.plot(points.index, points.to_numpy(), style, color=colours[engine], label=label)
-        ax.set(xscale="log", yscale="log", xlabel="phenotyped varieties", ylabel="wall time (s)")
+        log_axes(ax)
+        ax.set(xlabel="phenotyped varieties", ylabel="wall time (s)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "time_vs_varieties.png", dpi=120)
