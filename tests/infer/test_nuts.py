@@ -8,6 +8,7 @@ import dataclasses
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -23,11 +24,12 @@ from pyro_nlme.infer.nuts import (
     fit_nuts,
     recover_centred,
     reparametrised_sites,
+    sampler_warnings,
 )
-from pyro_nlme.infer.util import model_structure
+from pyro_nlme.infer.util import ModelStructure, SiteInfo, model_structure
 from pyro_nlme_models.orange import orange
 
-QUICK = NUTSConfig(chains=2, warmup=15, samples=10, progress=False)
+QUICK = NUTSConfig(chains=2, warmup=15, samples=10, max_tree_depth=5, progress=False)
 
 
 def funnel() -> None:
@@ -129,6 +131,21 @@ def test_fit_result_table_history_and_warnings(quick_orange):
     # 10 draws per chain cannot converge: the warnings must say so.
     assert any("r_hat" in message for message in quick_orange.warnings)
     assert "r_hat" in quick_orange.report()
+
+
+def test_warnings_name_divergences_and_saturated_trees():
+    rng = np.random.default_rng(0)
+    diverging = np.zeros((2, 50), dtype=bool)
+    diverging[1, [3, 17]] = True
+    idata = az.from_dict(
+        posterior={"mu": rng.normal(size=(2, 50))},
+        sample_stats={"diverging": diverging, "tree_depth": np.full((2, 50), 10)},
+    )
+    table = pd.DataFrame({"r_hat": [1.0]}, index=["mu"])
+    structure = ModelStructure(population={"mu": SiteInfo("mu", (), 0, {})})
+    messages = sampler_warnings(idata, table, NUTSConfig(chains=2, max_tree_depth=10), structure)
+    assert any(m.startswith("2 divergent transition(s)") for m in messages)
+    assert any("100 draw(s) hit max_tree_depth=10" in m for m in messages)
 
 
 def test_reparametrised_draws_are_recovered_on_the_centred_sites():
