@@ -6,9 +6,14 @@ interrupted run loses only the cells in flight. A cell over its limit is killed 
 process group) and recorded with status ``timeout``; one that raises, with status ``error``
 and the tail of its stderr. Both are final unless ``retry`` is set.
 
-With a remote scheduler, every worker needs this repository at the same path (the cell runs
-``python -m benchmarks.compare.cell`` from its root) with the package installed; results
-travel back through Dask, so no shared file system is needed.
+With a remote scheduler, the scheduler and every worker need this repository on their
+``PYTHONPATH`` (they unpickle the launcher and the cells), at the same path on every worker
+machine (the cell runs ``python -m benchmarks.compare.cell`` from its root), with the package
+installed; results travel back through Dask, so no shared file system is needed::
+
+    PYTHONPATH=$PWD dask scheduler                      # on one machine, in the repository
+    PYTHONPATH=$PWD dask worker tcp://HOST:8786 --nworkers 16 --nthreads 1   # on each machine
+    python -m benchmarks.compare --preset full --scheduler tcp://HOST:8786
 """
 
 from __future__ import annotations
