@@ -137,7 +137,8 @@ def execute(
     unique = {c.key: c for c in cells}.values()
     todo = [c for c in unique if not finished(results, c, retry)]
     workers = workers or os.cpu_count() or 1
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # One thread per cell on a remote cluster (one single-threaded worker per core there).
+    threads = 1 if scheduler else max(1, (os.cpu_count() or 1) // workers)
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
     done = []
     if executor == "local" or not todo:
