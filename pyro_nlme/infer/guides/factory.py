@@ -17,6 +17,7 @@ from pyro.infer.autoguide import (
     AutoGuideList,
     AutoLowRankMultivariateNormal,
     AutoNormal,
+    init_to_value,
 )
 
 from pyro_nlme.data import NLMEData
@@ -53,6 +54,7 @@ def build_guide(
     structure: ModelStructure,
     rank: int | None = None,
     init_scale: float = 0.05,
+    init_values: dict | None = None,
     **amortized_options,
 ) -> Callable:
     """A guide for ``model``.
@@ -62,12 +64,16 @@ def build_guide(
         population-level sites, an encoder network for the individual-level ones).
     :param rank: rank of the low-rank MVN (default: about the square root of its dimension).
     :param init_scale: initial SD of the mean-field factors, unconstrained scale.
+    :param init_values: initial locations of some latent sites (e.g. the pooled estimates of
+        :func:`~pyro_nlme.infer.guides.pooled.pooled_estimates`); the others start at their
+        (conditional) prior medians.
     :param amortized_options: passed to :class:`AmortizedGuide`.
     """
+    init_loc_fn = init_to_value(values=init_values or {}, fallback=init_to_prior_median)
     if kind == "normal":
         return AutoNormal(
             model,
-            init_loc_fn=init_to_prior_median,
+            init_loc_fn=init_loc_fn,
             init_scale=init_scale,
             create_plates=create_variety_plate,
         )
@@ -77,7 +83,7 @@ def build_guide(
         guide.append(
             AutoLowRankMultivariateNormal(
                 poutine.block(model, expose=joint),
-                init_loc_fn=init_to_prior_median,
+                init_loc_fn=init_loc_fn,
                 init_scale=init_scale,
                 rank=rank,
             )
@@ -85,11 +91,18 @@ def build_guide(
         guide.append(
             AutoNormal(
                 poutine.block(model, hide=joint),
-                init_loc_fn=init_to_prior_median,
+                init_loc_fn=init_loc_fn,
                 init_scale=init_scale,
             )
         )
         return guide
     if kind == "amortized":
-        return AmortizedGuide(model, data, structure, init_scale=init_scale, **amortized_options)
+        return AmortizedGuide(
+            model,
+            data,
+            structure,
+            init_scale=init_scale,
+            init_loc_fn=init_loc_fn,
+            **amortized_options,
+        )
     raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")
