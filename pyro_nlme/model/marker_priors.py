@@ -256,7 +256,8 @@ def spike_slab_effects(
     (module docstring).
 
     Sites: ``{name}_inclusion`` ``[K]`` (scalar when shared; ``pi``),
-    ``{name}_standardised`` ``[M, K]`` (``beta / slab_sd``, the sampled site), and the
+    ``{name}_standardised`` ``[M, K]`` (``beta / sqrt(spike_sd * slab_sd)``, the sampled
+    site), and the
     deterministic ``{name}`` ``[M, K]`` and ``{name}_inclusion_probability`` ``[M, K]``
     (``P(slab | beta, pi, genetic_sd)`` of the draw; identical across curve parameters when
     shared).
@@ -276,11 +277,13 @@ def spike_slab_effects(
         concentration, concentration * (n_markers - expected_nonzero) / expected_nonzero
     )
     inclusion = pyro.sample(f"{name}_inclusion", prior if shared else prior.to_event(1))
-    # Sampled in units of the slab SD (so not scaled by genetic_sd: non-centred), where a
-    # guide's initial unit-scale draws give effects of the order of a QTL's, not of 60,000.
-    spike_ratio = spike_sd / slab_sd
+    # Sampled in units of sqrt(spike_sd * slab_sd) (not scaled by genetic_sd: non-centred).
+    # A guide's unit-scale start (SD ~0.05) then sits at the spike's scale, not far inside the
+    # slab (slab-SD units: every marker looked included) nor far below the QTL (spike-SD
+    # units: a QTL needed thousands of Adam steps to reach its size).
+    unit = torch.sqrt(spike_sd * slab_sd)
     with plate or marker_plate(n_markers):
-        mixture = SpikeSlabNormal(spike_ratio, torch.ones_like(spike_ratio), inclusion, shared)
+        mixture = SpikeSlabNormal(spike_sd / unit, slab_sd / unit, inclusion, shared)
         standardised = pyro.sample(
             f"{name}_standardised", mixture if shared else mixture.to_event(1)
         )
@@ -288,7 +291,7 @@ def spike_slab_effects(
         if shared:
             probability = probability[:, None].expand(standardised.shape)
         pyro.deterministic(f"{name}_inclusion_probability", probability, event_dim=1)
-        return pyro.deterministic(name, standardised * slab_sd, event_dim=1)
+        return pyro.deterministic(name, standardised * unit, event_dim=1)
 
 
 def sample_marker_effects(

@@ -74,9 +74,9 @@ def test_spike_slab_log_density_by_hand(shared):
     spike_sd, slab_sd = g * spike_scale / math.sqrt(N_MARKERS), g * slab_scale / math.sqrt(p0)
     pi = v["marker_effect_inclusion"]
     u = v["marker_effect_standardised"]
-    ratio = spike_sd / slab_sd
-    slab = stats.norm(0, 1).logpdf(u)
-    spike = stats.norm(0, ratio).logpdf(u)
+    unit = np.sqrt(spike_sd * slab_sd)
+    slab = stats.norm(0, slab_sd / unit).logpdf(u)
+    spike = stats.norm(0, spike_sd / unit).logpdf(u)
     if shared:
         assert pi.shape == ()
         slab, spike = slab.sum(-1), spike.sum(-1)
@@ -85,7 +85,7 @@ def test_spike_slab_log_density_by_hand(shared):
     log_mixture = logsumexp([np.log(pi) + slab, np.log1p(-pi) + spike], axis=0)
     expected = stats.beta(1, (N_MARKERS - p0) / p0).logpdf(pi).sum() + log_mixture.sum()
     np.testing.assert_allclose(float(trace.log_prob_sum()), expected, rtol=1e-9)
-    np.testing.assert_allclose(v["marker_effect"], u * slab_sd, rtol=1e-12)
+    np.testing.assert_allclose(v["marker_effect"], u * unit, rtol=1e-12)
     # the per-draw inclusion probability: slab term over both
     conditional = np.exp(np.log(pi) + slab - log_mixture)
     if shared:

@@ -14,6 +14,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.util import model_structure
+from pyro_nlme_models.g2was import CURVE_PARAMETERS as CURVE_PARAMETER_NAMES
 from pyro_nlme_models.g2was import g2was
 
 N_VARIETIES, N_SCENARIOS, N_PLANTS, N_TIMES, N_MARKERS = 30, 3, 2, 21, 500
@@ -360,3 +361,63 @@ def test_cli_fit_with_a_marker_prior(tmp_path, simulated_design):
     assert ((pip >= 0) & (pip <= 1)).all()
     # shared: one inclusion probability per marker for the three curve parameters
     np.testing.assert_array_equal(pip[..., 0], pip[..., 2])
+
+
+def top_markers(posterior, k: int, n: int) -> np.ndarray:
+    """The ``n`` top markers of curve parameter ``k``: by PIP (to 3 decimals) then |effect|
+    where the fit has PIPs, by |effect| otherwise."""
+    keys = [np.abs(posterior["marker_effect"].mean(("chain", "draw")).values[:, k])]
+    if "marker_effect_inclusion_probability" in posterior:
+        pip = posterior["marker_effect_inclusion_probability"].mean(("chain", "draw")).values
+        keys.append(pip[:, k].round(3))
+    return np.lexsort([-key for key in keys])[:n]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-11-26: mean-field SVI put 2 of the 9 QTL x parameter pairs in the "
+    "top 10 (spike-and-slab and horseshoe alike; the same with no G x E in the truth): the "
+    "variety x scenario effects take the genetic signal (issue 6 stays open)",
+)
+@pytest.mark.parametrize("marker_prior", ["spike_slab", "horseshoe"])
+def test_sparse_priors_find_three_strong_qtl(marker_prior):
+    """200 varieties, 500 markers, 3 QTL acting on the three curve parameters and carrying 90 %
+    of the genetic variance: each QTL is among the 10 top markers of each parameter after
+    1,000 full-batch mean-field SVI steps."""
+    from pyro_nlme.infer.svi import SVIConfig, fit_svi
+    from pyro_nlme.simulate import DesignConfig, simulate_design
+
+    torch.set_num_threads(1)
+    config = DesignConfig(
+        n_varieties=200,
+        n_markers=500,
+        n_plants=1,
+        n_days=12,
+        sparse_qtl=True,
+        n_qtl=3,
+        n_shared_qtl=3,
+        qtl_variance_share=0.9,
+        ld_rho=0.5,
+    )
+    design = simulate_design(config, seed=0)
+    data = load_data(design.phenotypes, markers=design.genotype_table())
+    svi = SVIConfig(
+        guide="normal",
+        batch_size=None,
+        max_steps=1000,
+        lr=0.05,
+        lr_final=0.005,
+        num_draws=20,
+        stopping=None,
+        progress=False,
+    )
+    posterior = fit_svi(
+        g2was, data, svi, model_kwargs={"marker_prior": marker_prior}
+    ).inference_data.posterior
+    qtl = np.flatnonzero(design.truth["qtl"].values[:, 0])
+    found = {
+        parameter: np.isin(qtl, top_markers(posterior, k, 10)).tolist()
+        for k, parameter in enumerate(CURVE_PARAMETER_NAMES)
+    }
+    assert all(all(hits) for hits in found.values()), found
