@@ -377,8 +377,9 @@ def top_markers(posterior, k: int, n: int) -> np.ndarray:
 @pytest.mark.xfail(
     strict=True,
     reason="measured 2026-11-26: mean-field SVI put 2 of the 9 QTL x parameter pairs in the "
-    "top 10 (spike-and-slab and horseshoe alike; the same with no G x E in the truth): the "
-    "variety x scenario effects take the genetic signal (issue 6 stays open)",
+    "top 10 (spike-and-slab and horseshoe alike; the same with no G x E in the truth); cause "
+    "not established, suspected: the variety x scenario effects absorb the genetic signal, "
+    "as docs/svi.md reports for the ridge (issue 6 stays open)",
 )
 @pytest.mark.parametrize("marker_prior", ["spike_slab", "horseshoe"])
 def test_sparse_priors_find_three_strong_qtl(marker_prior):
