@@ -31,7 +31,11 @@ MAX_FRACTION_TERMS = 40
 
 
 def fraction_terms(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Terms of the continued fraction enough for every element (one device sync)."""
+    """Terms of the continued fraction enough for every element (one device sync); the most
+    under ``torch.jit.trace`` (e.g. SAEM's traced E-step), whose graph keeps the count of the
+    traced call while the parameters move."""
+    if torch.jit.is_tracing():
+        return MAX_FRACTION_TERMS
     largest = float(torch.maximum(a, b).max().detach()) if a.numel() else 0.0
     return min(MAX_FRACTION_TERMS, int(math.ceil(10 + 3 * math.sqrt(largest))))
 
