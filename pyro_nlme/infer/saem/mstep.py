@@ -267,20 +267,27 @@ def analyse(
     )
     if map_estimate:
         diagonal, full, noise_index = [], [], None
+    on_gradient = set(gradient.tolist())
     large = [
         b
         for b in joint.population
-        if any(b.offset <= i < b.offset + b.size for i in gradient.tolist()) and b.size > 1
+        if b.size > joint.n_varieties and any(i in on_gradient for i in range(*_span(b)))
     ]
-    if gradient.numel() > MAX_GRADIENT_SIZE:
-        names = ", ".join(f"{b.name} ({b.size})" for b in large)
+    if gradient.numel() > MAX_GRADIENT_SIZE or large:
+        names = ", ".join(f"{b.name} ({b.size} elements)" for b in large) or "(several sites)"
         raise ValueError(
-            f"{gradient.numel()} population elements would take SAEM's gradient M-step (a "
-            f"{gradient.numel()} x {gradient.numel()} information per iteration): {names}. "
-            "Marker effects are integrated out only in the effects form (g2was: "
-            "marker_form='effects'), not as kinship-form latents"
+            f"{gradient.numel()} population elements would take SAEM's gradient M-step, "
+            f"including sites with more elements than varieties: {names}. Such sites are random "
+            "effects that maximum likelihood would treat as free parameters (and a "
+            f"{gradient.numel()} x {gradient.numel()} information per iteration). Marker "
+            "effects are integrated out in the effects form only (g2was: marker_form='effects')"
+            ", not as kinship-form latents"
         )
     return Plan(diagonal, full, noise_index, shift, closed_form, gradient, markers)
+
+
+def _span(block) -> tuple[int, int]:
+    return block.offset, block.offset + block.size
 
 
 def _full_gaussian(joint, name, z_index, theta, z, rows, population) -> FullGaussian | None:
