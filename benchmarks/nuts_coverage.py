@@ -13,7 +13,7 @@ targets of one data set share their population parameters.
 
 Usage::
 
-    python benchmarks/nuts_coverage.py --seeds 20 --varieties 6 --warmup 200 --samples 200
+    python benchmarks/nuts_coverage.py --seeds 20 --varieties 6 --days 21 --warmup 200 --samples 200
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     sim = simulate_design(design, seed=seed)
     data = load_data(sim.phenotypes, markers=sim.genotype_table())
     config = NUTSConfig(
-        chains=args.chains, warmup=args.warmup, samples=args.samples, seed=seed, progress=False
+        chains=args.chains,
+        warmup=args.warmup,
+        samples=args.samples,
+        init_refine_steps=args.refine_steps,
+        seed=seed,
+        progress=False,
     )
     start = time.perf_counter()
     fit = fit_nuts(g2was, data, config, model_kwargs={"marker_form": "kinship"})
@@ -139,10 +144,11 @@ def main() -> None:
     parser.add_argument("--varieties", type=int, default=6)
     parser.add_argument("--markers", type=int, default=60)
     parser.add_argument("--plants", type=int, default=1)
-    parser.add_argument("--days", type=int, default=12)
+    parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--refine-steps", type=int, default=1000, help="init_refine_steps")
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -164,7 +170,7 @@ def main() -> None:
         f"Command: `python benchmarks/nuts_coverage.py --seeds {args.seeds} "
         f"--first-seed {args.first_seed} --varieties {args.varieties} --markers {args.markers} "
         f"--plants {args.plants} --days {args.days} --chains {args.chains} "
-        f"--warmup {args.warmup} --samples {args.samples}`",
+        f"--warmup {args.warmup} --samples {args.samples} --refine-steps {args.refine_steps}`",
         "",
         f"g2was in kinship form; nominal {PROBABILITY:.0%} equal-tailed intervals. Divergences "
         f"over all fits: {int(frame.groupby('seed')['divergences'].first().sum())}; "

@@ -78,6 +78,8 @@ class NUTSConfig:
         Laplace approximation at the mode of the sampled density, and the first adaptation
         window uses its covariance as the inverse mass matrix. 0: Pyro's default (start at
         the median of prior draws, identity mass matrix), which fails on Orange (docs/nuts.md).
+    :param init_refine_steps: SVI steps refining the Laplace start (``refine_steps`` of
+        :func:`~pyro_nlme.infer.nuts_init.laplace_start`; 0: none).
     :param jit: compile the potential energy with the PyTorch JIT (pays off for small models,
         whose cost is Python overhead).
     :param reparam: sample location-scale individual latents non-centred.
@@ -94,6 +96,7 @@ class NUTSConfig:
     max_tree_depth: int = 10
     initial_window_tree_depth: int | None = 6
     init_iterations: int = 500
+    init_refine_steps: int = 0
     jit: bool = True
     reparam: bool = True
     seed: int = 0
@@ -399,6 +402,7 @@ def fit_nuts(
             dense=config.dense_mass,
             search_model=None if sampled_model is non_centred_model else non_centred_model,
             max_iterations=config.init_iterations,
+            refine_steps=config.init_refine_steps,
             seed=config.seed,
             **model_kwargs,
         )

@@ -35,8 +35,11 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.infer.mcmc.util import initialize_model
+from pyro.optim import ClippedAdam
 
 from pyro_nlme.data import NLMEData
 
@@ -169,6 +172,7 @@ def laplace_start(
     dense: bool,
     search_model: Callable | None = None,
     max_iterations: int = 500,
+    refine_steps: int = 0,
     seed: int = 0,
     **model_kwargs,
 ) -> ChainStart:
@@ -187,6 +191,14 @@ def laplace_start(
         space's Laplace covariance pushed through that map's Jacobian; diagonal: from
         ``model``'s Hessian at the mapped point.
     :param max_iterations: L-BFGS iterations (each a few gradients).
+    :param refine_steps: if positive, a mean-field Gaussian
+        (:class:`~pyro.infer.autoguide.AutoNormal`, started at the mode with SD 0.1) is then fitted
+        to the search density by that many ``ClippedAdam`` steps (learning rate 0.02), and its
+        median and variances replace the mode and the inverse Hessian (pushed through the map
+        as above when dense). The joint mode of a non-centred hierarchy sits where the
+        random-effect SDs are inflated and the standardised effects shrunk (6 simulated
+        varieties: inflection SDs of 5 to 7 days against a truth of 1); the ELBO's entropy
+        term pulls them back (1.6 days after 1,000 steps).
     :param seed: seeds the probes and the fallback prior draws; the global RNG state is
         restored afterwards.
     """
@@ -196,37 +208,72 @@ def laplace_start(
             model, data, init_to_prior_median, model_kwargs
         )
         if search_model is None:
-            loc = _minimise(potential, flat, max_iterations)
+            search_model, search = model, (potential, flat, index, shapes, transforms)
         else:
             search = _flat_potential(search_model, data, init_to_prior_median, model_kwargs)
-            search_potential, search_flat, search_index, search_shapes, search_transforms = search
-            mode = _minimise(search_potential, search_flat, max_iterations)
+        search_potential, search_flat, search_index, search_shapes, search_transforms = search
+        mode = _minimise(search_potential, search_flat, max_iterations)
+        search_covariance = None
+        if refine_steps:
+            mode, search_covariance = _refine(
+                search_model,
+                data,
+                mode,
+                search_index,
+                search_shapes,
+                search_transforms,
+                refine_steps,
+                model_kwargs,
+            )
 
-            def to_model(point: torch.Tensor) -> torch.Tensor:
-                values = {
-                    n: search_transforms[n](point[w].reshape(search_shapes[n]))
-                    for n, w in search_index.items()
-                }
-                conditioned = poutine.condition(search_model, data=values)
-                trace = poutine.trace(conditioned).get_trace(data, **model_kwargs)
-                return torch.cat(
-                    [transforms[n].inv(trace.nodes[n]["value"]).reshape(-1) for n in index]
-                )
+        def to_model(point: torch.Tensor) -> torch.Tensor:
+            values = {
+                n: search_transforms[n](point[w].reshape(search_shapes[n]))
+                for n, w in search_index.items()
+            }
+            conditioned = poutine.condition(search_model, data=values)
+            trace = poutine.trace(conditioned).get_trace(data, **model_kwargs)
+            return torch.cat(
+                [transforms[n].inv(trace.nodes[n]["value"]).reshape(-1) for n in index]
+            )
 
-            loc = to_model(mode).detach().to(flat)
+        same_space = search_model is model
+        loc = mode if same_space else to_model(mode).detach().to(flat)
         energy = float(potential(loc))
-        if search_model is not None and dense:
-            # Push the search space's Laplace covariance forward through the map: at a point
-            # that is not a mode of ``model``'s density its Hessian need not be positive.
-            search_hessian = torch.autograd.functional.hessian(search_potential, mode)
-            jacobian = torch.autograd.functional.jacobian(to_model, mode)
-            covariance = jacobian @ _positive_definite_inverse(search_hessian) @ jacobian.T
+        if same_space and search_covariance is not None:
+            covariance = torch.diag(search_covariance) if dense else search_covariance
+        elif same_space and dense:
+            covariance = _positive_definite_inverse(
+                torch.autograd.functional.hessian(potential, loc)
+            )
         elif dense:
-            hessian = torch.autograd.functional.hessian(potential, loc)
-            covariance = _positive_definite_inverse(hessian)
+            # Push the search space's covariance forward through the map: at a point that is
+            # not a mode of ``model``'s density its Hessian need not be positive.
+            if search_covariance is None:
+                search_hessian = torch.autograd.functional.hessian(search_potential, mode)
+                search_covariance = _positive_definite_inverse(search_hessian)
+            else:
+                search_covariance = torch.diag(search_covariance)
+            jacobian = torch.autograd.functional.jacobian(to_model, mode)
+            covariance = jacobian @ search_covariance @ jacobian.T
         else:
             covariance = 1 / _hessian_diagonal(potential, loc).clamp(min=MIN_CURVATURE)
     return ChainStart(loc, covariance, index, shapes, transforms, energy)
+
+
+def _refine(model, data, mode, index, shapes, to_constrained, steps, model_kwargs):
+    """Median and variances (flat, unconstrained) of an ``AutoNormal`` fitted to ``model`` from
+    ``mode`` by ``steps`` ClippedAdam steps; the parameter store is left as it was."""
+    values = {n: to_constrained[n](mode[w].reshape(shapes[n])) for n, w in index.items()}
+    with pyro.get_param_store().scope():
+        guide = AutoNormal(model, init_loc_fn=init_to_value(values=values), init_scale=0.1)
+        svi = SVI(model, guide, ClippedAdam({"lr": 0.02}), Trace_ELBO())
+        for _ in range(steps):
+            svi.step(data, **model_kwargs)
+        pairs = [guide._get_loc_and_scale(n) for n in index]
+        loc = torch.cat([pair[0].detach().reshape(-1) for pair in pairs]).to(mode)
+        variance = torch.cat([pair[1].detach().reshape(-1) for pair in pairs]).to(mode) ** 2
+    return loc, variance
 
 
 def _hessian_diagonal(potential: Callable, point: torch.Tensor) -> torch.Tensor:
