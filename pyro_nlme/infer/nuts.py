@@ -69,10 +69,11 @@ class NUTSConfig:
         ``N^2`` per leapfrog step and ``N^3`` per adaptation window.
     :param max_tree_depth: at most ``2 ** max_tree_depth`` leapfrog steps per draw.
     :param initial_window_tree_depth: cap on the tree depth during the first adaptation window
-        of the warm-up, while the mass matrix is still the identity (None: no cap). That window
-        only has to reach the typical set and give a first variance estimate; with badly scaled
-        latents (posterior SDs from 0.01 to 1) an uncapped tree costs ``2 ** max_tree_depth``
-        gradients per iteration there. Draws and later windows are not affected.
+        of the warm-up, while the mass matrix is still the initial one (the Laplace covariance,
+        or the identity) (None: no cap). That window only has to reach the typical set and give
+        a first variance estimate; with a poor initial metric an uncapped tree costs
+        ``2 ** max_tree_depth`` gradients per iteration there. Draws and later windows are not
+        affected.
     :param init_iterations: L-BFGS iterations of the Laplace start
         (:func:`pyro_nlme.infer.nuts_init.laplace_start`): chain ``c`` starts at a draw of the
         Laplace approximation at the mode of the sampled density, and the first adaptation
