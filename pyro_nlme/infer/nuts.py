@@ -498,6 +498,10 @@ def sampler_warnings(
     if saturated:
         messages.append(
             f"{saturated} draw(s) hit max_tree_depth={config.max_tree_depth}: "
-            "efficiency is limited; a dense mass matrix may help"
+            + (
+                "efficiency is limited; a longer warm-up or another parametrisation may help"
+                if config.dense_mass
+                else "efficiency is limited; a dense mass matrix may help"
+            )
         )
     return messages
