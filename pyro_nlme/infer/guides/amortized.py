@@ -21,6 +21,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch import nn
@@ -144,7 +145,8 @@ class AmortizedGuide(PyroModule):
     :param use_markers: feed the variety's standardised dosages to the encoder.
     :param hidden: encoder width; ``marker_hidden`` width of the marker layer.
     :param init_scale: initial SD of the population factors (unconstrained scale) and initial
-        relative SD of the individual ones (a fraction of their conditional prior SD).
+        relative SD of the individual ones (a fraction of their conditional prior SD at the
+        initial population values).
     :param coupled_sites: population sites the individual locations depend on (see below);
         default: none.
     :param init_loc_fn: initial values of the population factors' locations.
@@ -203,6 +205,24 @@ class AmortizedGuide(PyroModule):
         self.coupling = PyroParam(
             torch.zeros(offset, n_coupled, dtype=data.times.dtype, device=data.device)
         )
+        self.init_loc_fn = init_loc_fn
+        self._reference_sd: dict[str, torch.Tensor] | None = None
+
+    def reference_sd(self, data: NLMEData, model_kwargs: dict) -> dict[str, torch.Tensor]:
+        """Per real-valued individual site, its conditional prior SD at the initial population
+        values, averaged over varieties (``[1, *site shape]``): the fixed unit of the encoder's
+        output. Computed once, from the initial values alone, so a resumed run uses the same."""
+        if self._reference_sd is None:
+            with torch.random.fork_rng(devices=[]), poutine.block(), PriorMeans():
+                trace = poutine.trace(InitMessenger(self.init_loc_fn)(self.model)).get_trace(
+                    data, **model_kwargs
+                )
+            self._reference_sd = {
+                layout.name: trace.nodes[layout.name]["fn"].stddev.mean(0, keepdim=True).detach()
+                for layout in self.layouts
+                if layout.prior_relative
+            }
+        return self._reference_sd
 
     def standardized_deviation(self, population: dict) -> torch.Tensor:
         """``[D]``: the coupled sites' draws as ``(u - loc) / scale`` on the unconstrained
@@ -216,11 +236,11 @@ class AmortizedGuide(PyroModule):
 
     def conditional_prior(
         self, data: NLMEData, idx: torch.Tensor, population: dict, model_kwargs: dict
-    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Run the model (hidden from the guide's trace) on the batch ``idx`` given the
         population draws, with individual latents at their conditional prior means.
 
-        :returns: per individual site its prior ``(mean, stddev)``, and the ``curve`` there
+        :returns: per individual site its prior mean, and the ``curve`` there
             (None if the model has no ``curve`` site).
         """
         conditioned = poutine.condition(self.model, data={**population, VARIETY_PLATE: idx})
@@ -229,7 +249,7 @@ class AmortizedGuide(PyroModule):
         prior = {}
         for layout in self.layouts:
             fn = trace.nodes[layout.name]["fn"]
-            prior[layout.name] = (fn.mean, fn.stddev)
+            prior[layout.name] = fn.mean
         curve = trace.nodes.get(CURVE_SITE)
         return prior, None if curve is None else curve["value"]
 
@@ -240,6 +260,7 @@ class AmortizedGuide(PyroModule):
         else:
             idx = torch.randperm(data.n_varieties, device=data.device)[:subsample_size]
         prior, prior_curve = self.conditional_prior(data, idx, values, model_kwargs)
+        reference_sd = self.reference_sd(data, model_kwargs)
         batch = data.subset(idx)
         markers = batch.markers if self.use_markers else None
         loc, scale = self.encoder(markers, trajectory_features(batch, prior_curve))
@@ -254,9 +275,9 @@ class AmortizedGuide(PyroModule):
                 site_loc = loc[:, block].reshape(shape)
                 site_scale = scale[:, block].reshape(shape)
                 if layout.prior_relative:
-                    prior_mean, prior_sd = prior[layout.name]
-                    site_loc = prior_mean + prior_sd * site_loc
-                    site_scale = prior_sd * site_scale
+                    unit = reference_sd[layout.name]
+                    site_loc = prior[layout.name] + unit * site_loc
+                    site_scale = unit * site_scale
                 posterior = dist.TransformedDistribution(
                     dist.Normal(site_loc, site_scale).to_event(layout.event_dim),
                     layout.transform.with_cache(),
