@@ -94,7 +94,7 @@ def main() -> None:
         f"--chains {args.chains} --kernel {args.kernel} --svi-steps {args.svi_steps}`: "
         f"{args.varieties} varieties x 3 scenarios x 2 plants x 21 days, {args.markers} "
         f"markers (simulator seed 0). SAEM: iterations {iterations}, {args.chains} chains, "
-        f"{args.kernel} kernel, marker effects integrated out in the kernel form, "
+        f"{args.kernel} kernel, JIT, marker effects integrated out in the kernel form, "
         f"{saem_seconds:.0f} s; SVI: mean-field normal guide, full batch, {args.svi_steps} "
         f"steps, {svi_seconds:.0f} s (2 cores shared with other jobs). SAEM's SEs are "
         "conditional on the genetic values at E[g | y] (none for the genetic SDs). Last "
