@@ -165,7 +165,7 @@ def test_censored_data_under_engine(engine):
         assert (predictive[..., censored] == 15.0).mean() > 0.3
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("likelihood", DISCRETE + CONTINUOUS)
 def test_every_observation_model_under_every_engine(engine, likelihood):
