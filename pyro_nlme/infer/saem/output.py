@@ -84,7 +84,7 @@ def finish(
     likelihood = importance_sampling(joint, theta, proposal, config.importance_samples)
     active = joint.active_indices()
     boundary = fisher.boundary_covariances(joint, theta, plan)
-    held = {i for _, _, indices in boundary for i in indices}
+    held = {i for b in boundary for i in b.indices}
     if held:
         active = torch.tensor([i for i in active.tolist() if i not in held])
     information = fisher.louis_information(
@@ -95,6 +95,7 @@ def finish(
         min(config.fisher_samples, config.importance_samples),
         config.map,
         active,
+        noncentred=fisher.noncentring(joint, boundary),
     )
     report = reported(joint)
     estimate = report.fn(theta).detach()
@@ -108,7 +109,7 @@ def finish(
         f"eigenvalue of its correlation matrix {smallest:.1e}): the maximum is on the boundary, "
         "its SDs and correlations have no SE, and the other SEs hold it fixed at its estimate; "
         "a reduced covariance model (fewer random effects or correlations) avoids this"
-        for site, smallest, _ in boundary
+        for site, smallest, *_ in boundary
     ]
     if natural.n_null and natural.singular.any():
         undefined = [label for label, s in zip(report.labels, natural.singular, strict=True) if s]

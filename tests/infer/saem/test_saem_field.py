@@ -61,7 +61,7 @@ def test_standard_errors_hold_a_boundary_covariance_fixed(soybean_data):
     g = plan.full[0]
     covariance = torch.tensor([[1.0, 0.9999, 0.3], [0.9999, 1.0, 0.3], [0.3, 0.3, 1.0]])
     singular = mstep.set_covariance(joint, theta, g, covariance.double())
-    ((site, smallest, held),) = fisher.boundary_covariances(joint, singular, plan)
+    ((site, smallest, held, *_),) = fisher.boundary_covariances(joint, singular, plan)
     assert site == g.site and smallest < fisher.BOUNDARY_EIGENVALUE
 
     active = torch.tensor([i for i in range(joint.theta_dim) if i not in set(held)])
