@@ -2,8 +2,9 @@
 pynlme's saemix-style SAEM (if installed: ``pip install pynlme``, benchmark only), wall times
 side by side. Writes ``docs/saem_benchmark.md``.
 
-    PYTHONPATH=... python benchmarks/saem_orange_soybean.py   # full settings (~12 min, 2 cores)
+    python benchmarks/saem_orange_soybean.py   # full settings (~12 min, 2 cores)
     python benchmarks/saem_orange_soybean.py --quick    # a smoke run
+    python benchmarks/saem_orange_soybean.py --only soybean --threads 1   # one section only
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import torch
 from pyro_nlme.data import load_orange, load_soybean
 from pyro_nlme.data.bundled import bundled_path
 from pyro_nlme.export.inference_data import package_versions
-from pyro_nlme.infer.saem import SAEMConfig, fit_saem, log_likelihood_at
+from pyro_nlme.infer.saem import SAEMConfig, fisher, fit_saem, log_likelihood_at, mstep
+from pyro_nlme.infer.saem.common import conditional_run, make_target, reported
+from pyro_nlme.infer.saem.estep import e_step, init_e_step
+from pyro_nlme.infer.saem.joint import JointModel
+from pyro_nlme.infer.saem.likelihood import Proposal, importance_sampling
 from pyro_nlme.reference import exact_mle, marginal_log_likelihood
 from pyro_nlme_models.orange import orange
 from pyro_nlme_models.soybean import soybean
@@ -241,20 +246,13 @@ def markdown(frame: pd.DataFrame, digits: int = 6) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
-    parser.add_argument("--out", default="docs/saem_benchmark.md")
-    parser.add_argument("--no-jit", action="store_true", help="evaluate the model under Pyro")
-    args = parser.parse_args()
-    jit = not args.no_jit
-    iterations = (60, 40) if args.quick else (300, 200)
-    chains = 2
-    importance = 1024 if args.quick else 5000
-    sections = []
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+ORANGE_HEADING = "## Orange:"
+SOYBEAN_HEADING = "## Soybean:"
+TIME_HEADING = "## Wall time"
 
-    # Orange: exact, ours (saemix's settings and an accurate setting), pynlme.
+
+def orange_section(iterations, chains, importance, jit, version) -> tuple[str, dict]:
+    """Orange: exact, ours (saemix's settings and an accurate setting), pynlme."""
     data = load_orange()
     exact = exact_mle(data)
     saemix_like = SAEMConfig(iterations=iterations, chains=chains, progress=False, seed=1, jit=jit)
@@ -289,7 +287,6 @@ def main() -> None:
         "ours C=50 (diff/SE)": np.nan,
     }
     times = {f"ours SAEM C={chains}": t_default, "ours SAEM C=50": t_accurate}
-    version = pynlme_version()
     if version:
         estimate, se, t_pynlme = pynlme_orange(iterations, chains, seed=1)
         for p in ORANGE:
@@ -318,16 +315,21 @@ def main() -> None:
             "pynlme": -2 * float(exact_at_pynlme),
         }
         times[f"pynlme saemix C={chains}"] = t_pynlme
-    orange_frame = pd.DataFrame(rows).T
-    orange_frame.index.name = "parameter"
-    sections.append(
-        "## Orange: random asymptote per tree, against the exact maximum likelihood\n\n"
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "parameter"
+    text = (
+        f"{ORANGE_HEADING} random asymptote per tree, against the exact maximum likelihood\n\n"
         f"SAEM iterations {iterations} (saemix's settings: {chains} chains) and (200, 300) with "
-        "50 chains; diff/SE = (estimate - exact) / exact SE.\n\n" + markdown(orange_frame)
+        "50 chains; diff/SE = (estimate - exact) / exact SE.\n\n" + markdown(frame)
     )
+    return text, times
 
-    # Soybean: ours vs pynlme, proportional error (saemix has no power-of-mean model).
+
+def soybean_section(iterations, chains, importance, jit, version) -> tuple[str, dict]:
+    """Soybean: ours vs pynlme's saemix and nlmefit, proportional error (saemix has no
+    power-of-mean model)."""
     soy = load_soybean()
+    kwargs = {"likelihood": "proportional"}
     soy_config = SAEMConfig(
         iterations=iterations,
         chains=chains,
@@ -336,8 +338,8 @@ def main() -> None:
         importance_samples=importance,
         jit=jit,
     )
-    soy_table, t_soy = ours(soybean, soy, soy_config, likelihood="proportional")
-    times[f"ours SAEM Soybean C={chains}"] = t_soy
+    soy_table, t_soy = ours(soybean, soy, soy_config, **kwargs)
+    times = {f"ours SAEM Soybean C={chains}": t_soy}
     soy_frame = pd.DataFrame({"ours": soy_table["estimate"], "ours SE": soy_table["se"]})
     soy_frame.loc["-2LL", "ours"] = soy_table.attrs["-2LL"]
     if version:
@@ -345,11 +347,7 @@ def main() -> None:
         soy_frame["pynlme"] = pd.Series(estimate)
         # Both estimates on the same likelihood: ours, by importance sampling.
         at_pynlme = log_likelihood_at(
-            soybean,
-            soy,
-            values,
-            model_kwargs={"likelihood": "proportional"},
-            importance_samples=importance,
+            soybean, soy, values, model_kwargs=kwargs, importance_samples=importance
         )
         soy_frame.loc["-2LL (our IS at this estimate)", "ours"] = soy_table.attrs["-2LL"]
         soy_frame.loc["-2LL (our IS at this estimate)", "pynlme"] = at_pynlme.minus_two
@@ -363,45 +361,176 @@ def main() -> None:
             soy_frame["ours"] - soy_frame["pynlme nlme (ML)"]
         ) / soy_frame["nlme SE"]
         at_nlme = log_likelihood_at(
-            soybean,
-            soy,
-            nlme_values,
-            model_kwargs={"likelihood": "proportional"},
-            importance_samples=importance,
+            soybean, soy, nlme_values, model_kwargs=kwargs, importance_samples=importance
         )
         soy_frame.loc["-2LL (our IS at this estimate)", "pynlme nlme (ML)"] = at_nlme.minus_two
+        our_se_at_nlme = standard_errors_at(
+            soybean, soy, nlme_values, model_kwargs=kwargs, importance_samples=importance
+        )
+        soy_frame["ours SE at nlme's estimate / nlme SE"] = our_se_at_nlme / soy_frame["nlme SE"]
         times["pynlme nlmefit (ML) Soybean"] = t_nlme
     soy_frame.index.name = "parameter"
-    sections.append(
-        "## Soybean: logistic, three correlated random effects per plot, Variety and Year on "
-        "every parameter, proportional error\n\n"
+    text = (
+        f"{SOYBEAN_HEADING} logistic, three correlated random effects per plot, Variety and "
+        "Year on every parameter, proportional error\n\n"
         f"Ours and pynlme's saemix: SAEM, iterations {iterations}, {chains} chains, saemix's "
         "kernels (2, 2, 2); pynlme's nlmefit: Lindstrom-Bates ML (R nlme conventions; its -2LL "
-        "is that approximation's). diff/SE = (ours - pynlme) / our SE. Our SEs hold the "
-        "random-effect covariance fixed when it is singular at the estimate (see "
-        "docs/saem.md), as nlme's SEs of the fixed effects do.\n\n" + markdown(soy_frame)
+        "and SEs are that linearisation's). diff/SE = (ours - pynlme) / our SE. Our SEs hold "
+        "the random-effect covariance fixed when it is singular at the estimate, with the "
+        "random effects non-centred along its null directions in Louis' formula (see "
+        "docs/saem.md), as nlme's SEs of the fixed effects hold the variance parameters fixed. "
+        "Last column: our Louis SEs computed at nlme's estimate (same point, exact likelihood "
+        "by importance sampling against nlme's linearisation).\n\n" + markdown(soy_frame)
     )
-    time_frame = pd.DataFrame({"wall time (s)": times})
-    time_frame.index.name = "run"
-    sections.append(
-        "## Wall time (whole fit: iterations, standard errors, log-likelihood)\n\n"
-        + markdown(time_frame)
+    return text, times
+
+
+def standard_errors_at(
+    model,
+    data,
+    values,
+    *,
+    model_kwargs,
+    chains: int = 4,
+    iterations: int = 300,
+    importance_samples: int = 5000,
+    fisher_samples: int = 2048,
+    seed: int = 0,
+) -> pd.Series:
+    """Our Louis SEs (natural scale, by reported label) at given population values, computed
+    as after a fit (E-step sweeps at those values for the importance proposal, a boundary
+    covariance held fixed); ``log_likelihood_at``'s recipe."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        joint = JointModel(model, data, model_kwargs)
+        theta = joint.theta_from_values(values)
+        plan = mstep.analyse(joint, theta, seed=seed)
+        rows = joint.rows(chains)
+        target = make_target(joint, theta, rows)
+        state = init_e_step(target)
+        for _ in range(iterations // 2):
+            state, _ = e_step(state, target, "rwm", adapt=True)
+        posterior = conditional_run(joint, theta, state, rows, chains, "rwm", iterations, 1)
+        proposal = Proposal(joint, posterior.mean, posterior.covariance, seed=seed)
+        likelihood = importance_sampling(joint, theta, proposal, importance_samples)
+        boundary = fisher.boundary_covariances(joint, theta, plan)
+        held = {i for b in boundary for i in b.indices}
+        active = torch.tensor([i for i in joint.active_indices().tolist() if i not in held])
+        information = fisher.louis_information(
+            joint,
+            theta,
+            proposal,
+            likelihood,
+            min(fisher_samples, importance_samples),
+            indices=active,
+            noncentred=fisher.noncentring(joint, boundary),
+        )
+        report = reported(joint)
+        natural = fisher.natural_covariance(information, report.fn, theta, active)
+    return pd.Series(natural.covariance.diagonal().sqrt().numpy(), index=report.labels)
+
+
+def time_section(times: dict) -> str:
+    frame = pd.DataFrame({"wall time (s)": times})
+    frame.index.name = "run"
+    return (
+        f"{TIME_HEADING} (whole fit: iterations, standard errors, log-likelihood)\n\n"
+        + markdown(frame)
     )
 
+
+def splice(document: str, section: str, times: dict) -> str:
+    """``document`` with the section of the same heading replaced by ``section`` (up to the next
+    ``## `` heading) and the wall-time rows of ``times`` replaced or added; the rest (other
+    sections, notes written by hand) kept."""
+    heading = section.split(":", 1)[0] + ":"
+    lines = document.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    lines[start:end] = section.split("\n") + [""]
+    rows = {f"| {name} |": f"| {name} | {seconds:.6g} |" for name, seconds in times.items()}
+    table_start = next(i for i, line in enumerate(lines) if line.startswith(TIME_HEADING))
+    table_end = next(i for i in range(table_start + 4, len(lines)) if not lines[i].startswith("|"))
+    kept = [
+        line
+        for line in lines[table_start + 4 : table_end]
+        if not any(line.startswith(key) for key in rows)
+    ]
+    lines[table_start + 4 : table_end] = kept + list(rows.values())
+    return "\n".join(lines)
+
+
+def run_description(jit: bool, load: tuple[float, float]) -> str:
+    """The machine, the measured load and the model's evaluation mode, for the report."""
+    threads = torch.get_num_threads()
+    busy = max(load) >= os.cpu_count()
+    return (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.platform()}), "
+        f"torch threads {threads}, load average (1 min) {load[0]:.1f} at the start and "
+        f"{load[1]:.1f} at the end of the run ("
+        + (
+            "other jobs shared the cores: wall times are inflated, only same-run ratios mean "
+            "anything"
+            if busy
+            else "cores not saturated"
+        )
+        + "). Our model "
+        + ("evaluated through a traced graph (`jit=True`)" if jit else "evaluated under Pyro")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    parser.add_argument("--out", default="docs/saem_benchmark.md")
+    parser.add_argument("--no-jit", action="store_true", help="evaluate the model under Pyro")
+    parser.add_argument(
+        "--only",
+        choices=("orange", "soybean"),
+        help="run one data set and replace its section and wall-time rows in --out, keeping "
+        "the rest of the file",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    jit = not args.no_jit
+    iterations = (60, 40) if args.quick else (300, 200)
+    chains = 2
+    importance = 1024 if args.quick else 5000
+    version = pynlme_version()
+    settings = (iterations, chains, importance, jit, version)
+    command = "python benchmarks/saem_orange_soybean.py" + (" --quick" if args.quick else "")
+    start_load = os.getloadavg()[0]
+    if args.only:
+        section, times = (orange_section if args.only == "orange" else soybean_section)(*settings)
+        load = (start_load, os.getloadavg()[0])
+        section += (
+            f"\n\nThis section and its wall-time rows: `{command} --only {args.only}"
+            + (f" --threads {args.threads}" if args.threads else "")
+            + f"` on {time.strftime('%Y-%m-%d', time.gmtime())}. "
+            + run_description(jit, load)
+            + "."
+        )
+        path = Path(args.out)
+        text = splice(path.read_text(), section, times)
+        path.write_text(text)
+        print(section)
+        return
+    orange_text, orange_times = orange_section(*settings)
+    soybean_text, soybean_times = soybean_section(*settings)
+    load = (start_load, os.getloadavg()[0])
     versions = package_versions()
     versions["pynlme"] = version or "not installed"
     header = (
         "# SAEM benchmark\n\n"
-        "Written by `benchmarks/saem_orange_soybean.py`"
-        + (" --quick" if args.quick else "")
-        + f". Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"({platform.platform()}), torch threads {torch.get_num_threads()}; shared with other "
-        "jobs (load average above 10 during the run), so wall times are indicative. Our model "
-        + ("evaluated through a traced graph (`jit=True`)" if jit else "evaluated under Pyro")
+        f"Written by `{command}`. "
+        + run_description(jit, load)
         + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + ".\n"
     )
+    sections = [orange_text, soybean_text, time_section(orange_times | soybean_times)]
     text = header + "\n" + "\n\n".join(sections) + "\n"
     Path(args.out).write_text(text)
     print(text)

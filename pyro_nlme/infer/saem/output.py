@@ -114,8 +114,9 @@ def finish(
     if natural.n_null and natural.singular.any():
         undefined = [label for label, s in zip(report.labels, natural.singular, strict=True) if s]
         warnings.append(
-            f"the Fisher information is singular ({natural.n_null} flat direction(s), e.g. a "
-            "random-effect covariance at the boundary): no SE for " + ", ".join(undefined)
+            f"the Fisher information is not positive definite ({natural.n_null} direction(s) "
+            "flat or of negative curvature: an estimate on the boundary or not yet at a maximum): "
+            "no SE for " + ", ".join(undefined)
         )
     if likelihood.mcse > 0.5:
         warnings.append(
