@@ -205,3 +205,22 @@ def test_louis_standard_errors_at_a_singular_covariance_equal_exact(singular_fit
     assert (mcse < 0.005 * exact).all(), (mcse / exact).tolist()
     tolerance = scipy.stats.t.ppf(0.9995, REPLICATES - 1) * mcse
     assert ((mean - exact).abs() < tolerance).all(), ((mean - exact) / mcse).tolist()
+
+
+@pytest.mark.slow
+def test_soybean_fit_has_standard_errors_at_its_boundary(soybean_data):
+    """End to end through ``fit_saem``: Soybean's ML covariance is singular (correlations
+    +-0.99999, ``docs/saem_benchmark.md``); the fit holds it (no SE for its SDs and
+    correlations, with the warning) and every other parameter gets a finite, positive SE (they
+    were all NaN with the centred coordinates). Their accuracy at a singular covariance is what
+    the exact test above checks."""
+    from pyro_nlme.infer.saem import SAEMConfig, fit_saem
+    from pyro_nlme_models.soybean import soybean
+
+    config = SAEMConfig(iterations=(300, 200), seed=1, progress=False, jit=True)
+    result = fit_saem(soybean, soybean_data, config, model_kwargs={"likelihood": "proportional"})
+    table = result.population_summary.set_index("parameter")
+    held = table.index.str.startswith("random_effect")
+    assert held.sum() == 6 and table.loc[held, "se"].isna().all()
+    assert (table.loc[~held, "se"] > 0).all(), table.loc[~held, "se"]
+    assert any("is singular at the estimate" in w for w in result.warnings)
