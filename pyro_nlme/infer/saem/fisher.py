@@ -187,7 +187,7 @@ def _uncentring(
 
     def change(t: torch.Tensor, rows: Rows) -> torch.Tensor:
         moved = coef[rows.variety] * (t - theta.detach())[theta_index]
-        zeros = torch.zeros(len(rows.variety), joint.z_dim, dtype=t.dtype)
+        zeros = torch.zeros(len(rows.variety), joint.z_dim, dtype=t.dtype, device=t.device)
         return zeros.index_add(1, z_index, moved) @ projector.T
 
     return change
