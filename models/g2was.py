@@ -26,8 +26,8 @@ scenario. Latents of absent variety x scenario combinations and padded plant slo
 and are drawn from their prior (they are not masked: a masked latent would leave the guide's
 entropy unbounded); ``constant_data.plant_mask`` in the export says which exist.
 Population-level latents: ``scenario_mean``, ``genetic_sd``, ``variety_scenario_sd``,
-``plant_sd``, ``marker_effect`` (``genetic_value_raw`` and the deterministic ``genetic_value``
-in the kinship form) and the noise; the rest is individual-level.
+``plant_sd``, ``marker_effect`` (``genetic_value_raw`` or ``genetic_value_component``, and the
+deterministic ``genetic_value``, in the kinship form) and the noise; the rest is individual-level.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ from pyro_nlme.model import (
     variety_plate,
 )
 from pyro_nlme.model.curves import log_logistic
-from pyro_nlme.model.kinship import KINSHIP_COMPONENT_DIM, kinship_genetic_values
+from pyro_nlme.model.kinship import (
+    KINSHIP_COMPONENT_DIM,
+    KINSHIP_PARAMETRIZATIONS,
+    kinship_genetic_values,
+)
 from pyro_nlme.model.marker_network import MARKER_NETWORK, marker_network
 from pyro_nlme.model.marker_priors import marker_plate, sample_marker_effects, uses_genetic_sd
 from pyro_nlme.model.observations import ObservationModel
@@ -65,10 +69,24 @@ MARKER_PRIORS = (
 )
 """Values of ``marker_prior``: a prior of the marker effects (``_shared``: one local scale or
 indicator per marker for the three curve parameters), or ``neural``, a covariate network."""
+PARAMETRIZATIONS = KINSHIP_PARAMETRIZATIONS
+"""Values of ``parametrization``: ``noncentred`` or ``centred``."""
 
 
 def _has_variety_scenario_effect(data: NLMEData) -> bool:
     return data.n_scenarios > 1 or data.markers is not None
+
+
+def _random_level(
+    level: str, parent: torch.Tensor, sd: torch.Tensor, parametrization: str
+) -> torch.Tensor:
+    """The curve parameters one level down, ``Normal(parent, sd)`` ``[..., K]``: sampled as
+    ``{level}_parameter`` (centred) or as ``parent + {level}_effect`` with the effect
+    ``Normal(0, sd)`` (non-centred). Call it inside the level's plates."""
+    if parametrization == "centred":
+        return pyro.sample(f"{level}_parameter", dist.Normal(parent, sd).to_event(1))
+    effect = pyro.sample(f"{level}_effect", dist.Normal(torch.zeros_like(sd), sd).to_event(1))
+    return parent + effect
 
 
 @nlme_model(
@@ -89,8 +107,11 @@ def _has_variety_scenario_effect(data: NLMEData) -> bool:
         f"{MARKER_NETWORK}_value": ("curve_parameter",),
         "genetic_value": ("variety", "curve_parameter"),
         "genetic_value_raw": (KINSHIP_COMPONENT_DIM, "curve_parameter"),
+        "genetic_value_component": (KINSHIP_COMPONENT_DIM, "curve_parameter"),
         "variety_scenario_effect": ("curve_parameter",),
         "plant_effect": ("curve_parameter",),
+        "variety_scenario_parameter": ("curve_parameter",),
+        "plant_parameter": ("curve_parameter",),
     },
     coords={"curve_parameter": CURVE_PARAMETERS},
 )
@@ -101,6 +122,7 @@ def g2was(
     marker_form: str = "effects",
     marker_prior: str = "ridge",
     marker_gxe: bool = False,
+    parametrization: str = "noncentred",
 ) -> torch.Tensor:
     """:param data: the phenotypes (and genotypes, if any) of the full data set.
     :param subsample_size: varieties per minibatch (None: all).
@@ -123,8 +145,21 @@ def g2was(
         marker_scenario_effect[:, s, k]`` with ``marker_scenario_effect[m, s, k] ~ Normal(0,
         marker_scenario_sd[k] / sqrt(M))`` (a ridge, whatever ``marker_prior``), to the genetic
         value of scenario ``s``. Not with ``neural``, which takes the scenario as an input.
+    :param parametrization: ``"noncentred"`` samples the effects ``variety_scenario_effect``
+        and ``plant_effect`` (mean 0) and, in the kinship form, ``genetic_value_raw``;
+        ``"centred"`` samples the parameters ``variety_scenario_parameter ~ Normal(
+        scenario_mean + genetic_value, variety_scenario_sd)`` and ``plant_parameter ~
+        Normal(variety_scenario_parameter, plant_sd)`` and, in the kinship form, the genetic
+        values' eigen-components ``genetic_value_component``
+        (:func:`pyro_nlme.model.kinship.kinship_genetic_values`). The same model; the centred
+        form suits levels the data determine well (each plant's curve is seen on every day), the
+        non-centred one weakly informed levels and NUTS.
     :returns: the observations ``[B, S, P, T]`` (sampled when ``data.values`` is None).
     """
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(
+            f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}"
+        )
     if marker_form not in ("effects", "kinship"):
         raise ValueError(f"marker_form must be 'effects' or 'kinship', got {marker_form!r}")
     if marker_prior not in MARKER_PRIORS:
@@ -155,7 +190,9 @@ def g2was(
         plant_sd = pyro.sample("plant_sd", dist.HalfNormal(spread / 4).to_event(1))
     noise = observation_model(likelihood).sample_noise()
     if kinship:
-        genetic_values = kinship_genetic_values(data.markers, genetic_sd)
+        genetic_values = kinship_genetic_values(
+            data.markers, genetic_sd, parametrization=parametrization
+        )
     elif neural:
         network = marker_network(data.n_markers, n_scenarios, spread / 2)
     elif markers:
@@ -198,18 +235,12 @@ def g2was(
         phi = scenario_mean[:, None, None, :] + genetic
         with scenarios:
             if with_interaction:
-                phi = phi + pyro.sample(
-                    "variety_scenario_effect",
-                    dist.Normal(
-                        torch.zeros_like(variety_scenario_sd), variety_scenario_sd
-                    ).to_event(1),
+                phi = _random_level(
+                    "variety_scenario", phi, variety_scenario_sd, parametrization
                 )
             with plant_plate(data):
                 if data.n_plants > 1:
-                    phi = phi + pyro.sample(
-                        "plant_effect",
-                        dist.Normal(torch.zeros_like(plant_sd), plant_sd).to_event(1),
-                    )
+                    phi = _random_level("plant", phi, plant_sd, parametrization)
                 with time_plate(data):
                     log_curve = log_logistic(
                         batch.times, phi[..., 0], phi[..., 1].exp(), phi[..., 2]

@@ -57,6 +57,7 @@ def _model_kwargs(model, args: argparse.Namespace) -> dict:
         "marker_form": getattr(args, "marker_form", None),
         "marker_prior": getattr(args, "marker_prior", None),
         "marker_gxe": getattr(args, "marker_gxe", None),
+        "parametrization": getattr(args, "parametrization", None),
     }
     kwargs = {}
     for name, value in options.items():
@@ -228,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="g2was: add scenario-specific marker effects (genotype x environment)",
+    )
+    fit.add_argument(
+        "--parametrization",
+        choices=["noncentred", "centred"],
+        help="g2was: sample the random effects (noncentred, the default) or the curve "
+        "parameters of each level (centred: suits SVI on well-observed curves, docs/svi.md)",
     )
     fit.add_argument("--method", choices=["svi", "nuts", "saem", "mcem"], default="svi")
     fit.add_argument("--out", required=True, help="InferenceData netCDF file to write")

@@ -7,8 +7,9 @@ effects ``beta[:, k] ~ Normal(0, genetic_sd[k] ** 2 / M * I_M)`` (the effects fo
 are Gaussian with mean 0 and covariance ``genetic_sd[k] ** 2 * Z Z^T / M = genetic_sd[k] ** 2 *
 K``, ``K`` VanRaden's genomic relationship matrix (``[V, V]``). Sampling ``g`` from that Gaussian
 is the same prior on everything the data see, with ``V`` latents per curve parameter instead of
-``M`` (docs/nuts.md gives the argument). The form used in models is non-centred:
-``g[:, k] = genetic_sd[k] * F @ raw[:, k]`` with ``raw ~ Normal(0, 1)`` and ``F F^T = K``.
+``M`` (docs/nuts.md gives the argument). Models sample it non-centred,
+``g[:, k] = genetic_sd[k] * F @ raw[:, k]`` with ``raw ~ Normal(0, 1)`` and ``F F^T = K``, or
+centred in the eigen-basis of ``K`` (:func:`kinship_genetic_values`).
 
 ``K`` is singular: the columns of ``Z`` are centred over the varieties, so ``K 1 = 0`` (and its
 rank is at most ``min(V - 1, M)``). ``F`` is therefore the symmetric eigen-factor
@@ -27,8 +28,8 @@ import torch
 from pyro_nlme.data import GenotypeMatrix
 
 KINSHIP_COMPONENT_DIM = "kinship_component"
-"""Name of the first dim of the non-centred latent ``{name}_raw``: one eigen-direction of ``K``
-per row (not one variety)."""
+"""Name of the first dim of the latent ``{name}_raw`` or ``{name}_component``: one
+eigen-direction of ``K`` per row (not one variety)."""
 DEFAULT_BLOCK_ROWS = 256
 """Rows of the genotype matrix standardised at once (256 x 60,000 float64 is 123 MB)."""
 RANK_TOLERANCE = 1e-6
@@ -126,25 +127,62 @@ def cached_relationship_factor(
     return per_matrix[(dtype, device)]
 
 
+KINSHIP_PARAMETRIZATIONS = ("noncentred", "centred")
+"""Values of ``parametrization`` in :func:`kinship_genetic_values`."""
+
+
 def kinship_genetic_values(
-    markers: GenotypeMatrix, genetic_sd: torch.Tensor, name: str = "genetic_value"
+    markers: GenotypeMatrix,
+    genetic_sd: torch.Tensor,
+    name: str = "genetic_value",
+    parametrization: str = "noncentred",
 ) -> torch.Tensor:
-    """Genetic values ``g[:, k] ~ MultivariateNormal(0, genetic_sd[k] ** 2 * K)`` in non-centred
-    form: a population-level latent ``{name}_raw ~ Normal(0, 1)`` ``[V, K]`` (event dims
-    ``(kinship_component, curve_parameter)``) and a deterministic site ``name`` =
-    ``F @ raw * genetic_sd`` ``[V, K]``. Call it outside the variety plate: the genetic values of
-    different varieties are correlated.
+    """Genetic values ``g[:, k] ~ MultivariateNormal(0, genetic_sd[k] ** 2 * K)`` as a
+    population-level latent in the eigen-basis of ``K`` and a deterministic site ``name`` ``[V, K]``.
+    Call it outside the variety plate: the genetic values of different varieties are correlated.
+
+    - ``"noncentred"``: ``{name}_raw ~ Normal(0, 1)`` ``[V, K]`` and ``g = F @ raw * genetic_sd``
+      (``F`` from :func:`relationship_factor`). Suits weakly informative data (few observations
+      per variety), and NUTS, which sees no funnel between ``raw`` and ``genetic_sd``.
+    - ``"centred"``: ``{name}_component[j, k] ~ Normal(0, genetic_sd[k] * sqrt(lambda_j))``
+      ``[R, K]`` over the ``R`` eigen-directions with ``lambda_j`` above
+      :data:`RANK_TOLERANCE` of the largest (the null direction ``K 1 = 0`` carries no genetic
+      variance) and ``g = U @ component``. Suits data that determine each variety's genetic value
+      well, and mean-field variational guides: with the non-centred form, a diagonal guide can
+      set ``raw`` to its prior and ``genetic_sd`` to 0 at no cost in KL, and the genetic variance
+      collapses into the variety x scenario effects (docs/svi.md).
+
+    Both are the same prior of ``g`` (up to the rounding of the null direction).
+
+    Event dims of the latent: ``(kinship_component, curve_parameter)``, one row per
+    eigen-direction (ascending eigenvalues), not per variety.
 
     :param markers: genotypes of all ``V`` varieties of the data (phenotyped or not).
     :param genetic_sd: ``[K]`` genetic SD per curve parameter, in the units of the curve
         parameters.
+    :param name: name of the deterministic site; the latent is ``{name}_raw`` or
+        ``{name}_component``.
+    :param parametrization: one of :data:`KINSHIP_PARAMETRIZATIONS`.
     :returns: ``[V, K]`` genetic values.
     """
+    if parametrization not in KINSHIP_PARAMETRIZATIONS:
+        raise ValueError(
+            f"parametrization must be one of {KINSHIP_PARAMETRIZATIONS}, got {parametrization!r}"
+        )
     factor = cached_relationship_factor(markers, genetic_sd.dtype, genetic_sd.device)
-    n_varieties = factor.shape[0]
-    zero = torch.zeros(n_varieties, genetic_sd.shape[-1], dtype=genetic_sd.dtype)
-    raw = pyro.sample(f"{name}_raw", dist.Normal(zero.to(genetic_sd.device), 1.0).to_event(2))
-    return pyro.deterministic(name, (factor @ raw) * genetic_sd, event_dim=2)
+    n_varieties, n_parameters = factor.shape[0], genetic_sd.shape[-1]
+    if parametrization == "noncentred":
+        zero = genetic_sd.new_zeros(n_varieties, n_parameters)
+        raw = pyro.sample(f"{name}_raw", dist.Normal(zero, 1.0).to_event(2))
+        return pyro.deterministic(name, (factor @ raw) * genetic_sd, event_dim=2)
+    root_eigenvalues = factor.norm(dim=0)  # column j of F is U_j sqrt(lambda_j)
+    kept = root_eigenvalues**2 > RANK_TOLERANCE * root_eigenvalues.max() ** 2
+    root_eigenvalues, eigenvectors = root_eigenvalues[kept], factor[:, kept] / root_eigenvalues[kept]
+    component = pyro.sample(
+        f"{name}_component",
+        dist.Normal(genetic_sd.new_zeros(()), root_eigenvalues[:, None] * genetic_sd).to_event(2),
+    )
+    return pyro.deterministic(name, eigenvectors @ component, event_dim=2)
 
 
 def blup_marker_effects(

@@ -78,12 +78,14 @@ def test_factor_is_an_exact_square_root_of_a_singular_relationship():
 
 def linear_gaussian_toy(markers: GenotypeMatrix, form: str, y: torch.Tensor) -> None:
     """``y[v, k] ~ Normal(g[v, k], NOISE_SD)`` with genetic values from the effects form
-    (``priors.marker_effects``, as ``g2was`` samples them) or the kinship form."""
+    (``priors.marker_effects``, as ``g2was`` samples them) or the kinship form
+    (``kinship``: non-centred, ``kinship_centred``: centred)."""
     if form == "effects":
         beta = marker_effects(SimpleNamespace(n_markers=markers.n_markers), GENETIC_SD)
         genetic = standardized(markers) @ beta
     else:
-        genetic = kinship_genetic_values(markers, GENETIC_SD)
+        parametrization = "centred" if form == "kinship_centred" else "noncentred"
+        genetic = kinship_genetic_values(markers, GENETIC_SD, parametrization=parametrization)
     pyro.sample("y", dist.Normal(genetic, NOISE_SD).to_event(2), obs=y)
 
 
@@ -135,8 +137,12 @@ def test_kinship_and_effects_forms_have_the_same_marginal_density(seed):
     y = torch.randn(N_VARIETIES, 2, generator=generator, dtype=torch.float64)
     effects, _, effects_site = gaussian_posterior(markers, "effects", y)
     kinship, _, kinship_site = gaussian_posterior(markers, "kinship", y)
+    centred, _, centred_site = gaussian_posterior(markers, "kinship_centred", y)
     assert (effects_site, kinship_site) == ("marker_effect", "genetic_value_raw")
+    assert centred_site == "genetic_value_component"
     assert kinship == pytest.approx(effects, abs=1e-8)
+    # The centred form drops the null direction of K (variance 0 in every form).
+    assert centred == pytest.approx(effects, abs=1e-6)
     assert effects == pytest.approx(
         closed_form_log_marginal(genomic_relationship(markers), y), abs=1e-8
     )
@@ -204,6 +210,11 @@ def test_g2was_kinship_form_sites_and_prior_covariance(simulated):
         torch.testing.assert_close(
             linear_map @ linear_map.T, genetic_sd[k] ** 2 * relationship, rtol=0, atol=1e-5
         )
+
+
+def test_kinship_parametrization_is_checked():
+    with pytest.raises(ValueError, match="parametrization"):
+        kinship_genetic_values(make_markers(), GENETIC_SD, parametrization="partial")
 
 
 def test_g2was_kinship_form_subsamples_varieties_and_refuses_unknown_forms(simulated):

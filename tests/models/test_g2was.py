@@ -241,6 +241,48 @@ def test_kinship_form_shapes(simulated_data):
     assert "genetic_value" in structure.deterministic
 
 
+@pytest.mark.parametrize("marker_form", [None, "kinship"])
+def test_centred_and_noncentred_forms_have_the_same_density(request, marker_form):
+    """The centred parameters are the non-centred effects shifted by their parent level (a
+    unit Jacobian), so the two forms give the same log density of the observations and of the
+    variety x scenario and plant levels at corresponding values."""
+    data = request.getfixturevalue("simulated_data" if marker_form else "no_marker_data")
+    kwargs = {"marker_form": marker_form} if marker_form else {}
+    noncentred = poutine.trace(g2was).get_trace(data, **kwargs)
+    genetic = noncentred.nodes["genetic_value"]["value"]
+    scenario_mean = noncentred.nodes["scenario_mean"]["value"]
+    parent = scenario_mean[:, None, None, :] + (
+        genetic[:, None, None, None, :] if marker_form else genetic
+    )
+    variety_scenario = parent + noncentred.nodes["variety_scenario_effect"]["value"]
+    plant = variety_scenario + noncentred.nodes["plant_effect"]["value"]
+    values = {
+        name: site["value"]
+        for name, site in noncentred.nodes.items()
+        if site["type"] == "sample"
+        and not site_is_subsample(site)
+        and name not in ("variety_scenario_effect", "plant_effect", "genetic_value_raw", "obs")
+    }
+    values.update(variety_scenario_parameter=variety_scenario, plant_parameter=plant)
+    conditioned = poutine.condition(g2was, data=values)
+    centred = poutine.trace(conditioned).get_trace(data, parametrization="centred", **kwargs)
+    centred.compute_log_prob()
+    noncentred.compute_log_prob()
+    pairs = [
+        ("obs", "obs"),
+        ("variety_scenario_parameter", "variety_scenario_effect"),
+        ("plant_parameter", "plant_effect"),
+    ]
+    for centred_name, noncentred_name in pairs:
+        torch.testing.assert_close(
+            centred.nodes[centred_name]["log_prob_sum"],
+            noncentred.nodes[noncentred_name]["log_prob_sum"],
+        )
+    torch.testing.assert_close(centred.nodes["curve"]["value"], noncentred.nodes["curve"]["value"])
+    with pytest.raises(ValueError, match="parametrization"):
+        g2was(data, parametrization="partial")
+
+
 def test_marker_prior_is_checked(simulated_data):
     with pytest.raises(ValueError, match="marker_prior"):
         poutine.trace(g2was).get_trace(simulated_data, marker_prior="lasso")
