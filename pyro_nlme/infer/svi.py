@@ -26,6 +26,7 @@ import pyro.poutine as poutine
 import torch
 import xarray as xr
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import init_to_value
 from pyro.infer.reparam import LocScaleReparam
 from pyro.infer.util import zero_grads
 from pyro.optim import ClippedAdam
@@ -37,6 +38,8 @@ from pyro_nlme.export import to_inference_data
 from pyro_nlme.infer.checkpoint import load_checkpoint, save_checkpoint
 from pyro_nlme.infer.guides import build_guide
 from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
+from pyro_nlme.infer.guides.init import init_to_prior_median
+from pyro_nlme.infer.guides.modes import conditional_modes
 from pyro_nlme.infer.guides.pooled import pooled_estimates
 from pyro_nlme.infer.result import FitResult
 from pyro_nlme.infer.stopping import PlateauRule
@@ -57,6 +60,11 @@ class SVIConfig:
     :param init: ``pooled``: population-level locations start at a pooled fit of the
         population curve (:func:`~pyro_nlme.infer.guides.pooled.pooled_estimates`), the rest at
         prior medians; ``prior``: every location at its (conditional) prior median.
+    :param anchor: amortised guide: ``modes`` measures the individual locations from each
+        variety's conditional modes, and starts the real-valued population latents at theirs,
+        with the scales at their initial values
+        (:func:`~pyro_nlme.infer.guides.modes.conditional_modes`); ``prior``: from the
+        conditional prior means.
     :param batch_size: varieties per minibatch (None: all varieties every step).
     :param max_steps: step budget.
     :param lr: initial learning rate; ``lr_final`` the rate reached at ``max_steps``.
@@ -84,6 +92,7 @@ class SVIConfig:
 
     guide: str = "amortized"
     init: str = "pooled"
+    anchor: str = "modes"
     batch_size: int | None = 64
     max_steps: int = 5000
     lr: float = 0.01
@@ -209,11 +218,20 @@ def fit_svi(
     fitted_structure = model_structure(fitted_model, data, **model_kwargs)
     if config.init not in ("pooled", "prior"):
         raise ValueError(f"init must be 'pooled' or 'prior', got {config.init!r}")
+    if config.anchor not in ("modes", "prior"):
+        raise ValueError(f"anchor must be 'modes' or 'prior', got {config.anchor!r}")
     init_values = {}
     if config.init == "pooled":
         init_values = pooled_estimates(
             fitted_model, data, fitted_structure, summary_sites(model, structure), model_kwargs
         )
+    anchors = {}
+    if config.guide == "amortized" and config.anchor == "modes":
+        init_loc_fn = init_to_value(values=init_values, fallback=init_to_prior_median)
+        population_modes, anchors = conditional_modes(
+            fitted_model, data, fitted_structure, init_loc_fn, model_kwargs
+        )
+        init_values = {**init_values, **population_modes}
     guide = build_guide(
         config.guide,
         fitted_model,
@@ -225,6 +243,7 @@ def fit_svi(
             {
                 "hidden": config.encoder_hidden,
                 "coupled_sites": summary_sites(model, structure) if config.coupling else (),
+                "anchors": anchors,
             }
             if config.guide == "amortized"
             else {}
@@ -264,6 +283,7 @@ def fit_svi(
             **dataclasses.asdict(config),
             "steps_run": training.step,
             "pooled_init": {name: value.tolist() for name, value in init_values.items()},
+            "anchored_sites": sorted(anchors),
         },
         seed=config.seed,
         model_name=model_name,

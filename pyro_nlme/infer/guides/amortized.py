@@ -109,6 +109,12 @@ def trajectory_features(batch: NLMEData, prior_curve: torch.Tensor | None = None
     return torch.stack(features, -1).flatten(1)
 
 
+def _rows(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``idx`` of a per-variety tensor; a tensor shared by all varieties (first dim 1)
+    as it is."""
+    return values if values.shape[0] == 1 else values[idx]
+
+
 class _SiteLayout:
     """Where an individual site's per-variety block sits in the encoder output."""
 
@@ -172,6 +178,7 @@ class AmortizedGuide(PyroModule):
         init_scale: float = 0.05,
         coupled_sites: Sequence[str] = (),
         init_loc_fn: Callable = init_to_prior_median,
+        anchors: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -206,23 +213,38 @@ class AmortizedGuide(PyroModule):
             torch.zeros(offset, n_coupled, dtype=data.times.dtype, device=data.device)
         )
         self.init_loc_fn = init_loc_fn
-        self._reference_sd: dict[str, torch.Tensor] | None = None
+        self.anchors = dict(anchors or {})
+        self.init_scale = init_scale
+        self.prior_gain = PyroParam(torch.ones(offset, dtype=data.times.dtype, device=data.device))
+        self._reference: tuple[dict, dict] | None = None
 
-    def reference_sd(self, data: NLMEData, model_kwargs: dict) -> dict[str, torch.Tensor]:
-        """Per real-valued individual site, its conditional prior SD at the initial population
-        values, averaged over varieties (``[1, *site shape]``): the fixed unit of the encoder's
-        output. Computed once, from the initial values alone, so a resumed run uses the same."""
-        if self._reference_sd is None:
+    def reference(self, data: NLMEData, model_kwargs: dict) -> tuple[dict, dict, dict, dict]:
+        """Per real-valued individual site, at the initial population values: its conditional
+        prior mean ``[V, *site shape]``; the origin of its location ``[V, *site shape]`` (the
+        anchor's location if given, else that prior mean); the unit of the encoder's location
+        output, its conditional prior SD averaged over varieties ``[1, *site shape]``; and the
+        unit of the encoder's scale output ``[V or 1, *site shape]``, chosen so that the initial
+        scale is the anchor's SD (else ``init_scale`` location units). Computed once, from the
+        initial values alone, so a resumed run uses the same."""
+        if self._reference is None:
             with torch.random.fork_rng(devices=[]), poutine.block(), PriorMeans():
                 trace = poutine.trace(InitMessenger(self.init_loc_fn)(self.model)).get_trace(
                     data, **model_kwargs
                 )
-            self._reference_sd = {
-                layout.name: trace.nodes[layout.name]["fn"].stddev.mean(0, keepdim=True).detach()
-                for layout in self.layouts
-                if layout.prior_relative
-            }
-        return self._reference_sd
+            prior_mean, origin, unit, scale_unit = {}, {}, {}, {}
+            for layout in self.layouts:
+                if not layout.prior_relative:
+                    continue
+                name, prior = layout.name, trace.nodes[layout.name]["fn"]
+                prior_mean[name] = prior.mean.detach()
+                unit[name] = prior.stddev.mean(0, keepdim=True).detach()
+                origin[name], scale_unit[name] = prior_mean[name], unit[name]
+                if name in self.anchors:
+                    loc, sd = self.anchors[name]
+                    origin[name] = loc
+                    scale_unit[name] = torch.where(sd.isfinite(), sd / self.init_scale, unit[name])
+            self._reference = prior_mean, origin, unit, scale_unit
+        return self._reference
 
     def standardized_deviation(self, population: dict) -> torch.Tensor:
         """``[D]``: the coupled sites' draws as ``(u - loc) / scale`` on the unconstrained
@@ -260,7 +282,7 @@ class AmortizedGuide(PyroModule):
         else:
             idx = torch.randperm(data.n_varieties, device=data.device)[:subsample_size]
         prior, prior_curve = self.conditional_prior(data, idx, values, model_kwargs)
-        reference_sd = self.reference_sd(data, model_kwargs)
+        initial_prior, origin, unit, scale_unit = self.reference(data, model_kwargs)
         batch = data.subset(idx)
         markers = batch.markers if self.use_markers else None
         loc, scale = self.encoder(markers, trajectory_features(batch, prior_curve))
@@ -275,9 +297,11 @@ class AmortizedGuide(PyroModule):
                 site_loc = loc[:, block].reshape(shape)
                 site_scale = scale[:, block].reshape(shape)
                 if layout.prior_relative:
-                    unit = reference_sd[layout.name]
-                    site_loc = prior[layout.name] + unit * site_loc
-                    site_scale = unit * site_scale
+                    name = layout.name
+                    gain = self.prior_gain[block].reshape(layout.unconstrained_shape)
+                    shift = prior[name] - initial_prior[name][idx]
+                    site_loc = origin[name][idx] + gain * shift + unit[name] * site_loc
+                    site_scale = _rows(scale_unit[name], idx) * site_scale
                 posterior = dist.TransformedDistribution(
                     dist.Normal(site_loc, site_scale).to_event(layout.event_dim),
                     layout.transform.with_cache(),

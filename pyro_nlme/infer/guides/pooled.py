@@ -72,11 +72,33 @@ def pooled_estimates(
             )
         return -trace.log_prob_sum(site_filter=lambda name, _: name in structure.observed)
 
-    # No tolerances: in float32 the loss changes too little along an asymptote / inflection
-    # ridge for them, and L-BFGS would stop far from the optimum; it stops when the line
-    # search makes no progress.
+    first = negative_log_likelihood()
+    if not math.isfinite(first.item()):
+        return {}
+    first.backward()
+    moved = [name for name, u in free.items() if u.grad is not None and u.grad.abs().sum() > 0]
+    if not minimize_lbfgs(list(free.values()), negative_log_likelihood, max_iter, first):
+        return {}
+    return {name: transforms[name](free[name]).detach() for name in moved}
+
+
+def minimize_lbfgs(
+    parameters: list[torch.Tensor],
+    loss_fn: Callable[[], torch.Tensor],
+    max_iter: int,
+    start_loss: torch.Tensor,
+) -> bool:
+    """Minimise ``loss_fn`` over ``parameters`` in place by L-BFGS with a strong Wolfe line
+    search.
+
+    No tolerances: in float32 the loss changes too little along an asymptote / inflection
+    ridge for them, and L-BFGS would stop far from the optimum; it stops when the line search
+    makes no progress or after ``max_iter`` iterations.
+
+    :returns: whether the final loss is finite and not above ``start_loss``.
+    """
     optimizer = torch.optim.LBFGS(
-        list(free.values()),
+        parameters,
         max_iter=max_iter,
         line_search_fn="strong_wolfe",
         tolerance_grad=0.0,
@@ -85,17 +107,11 @@ def pooled_estimates(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = negative_log_likelihood()
+        loss = loss_fn()
         loss.backward()
         return loss
 
-    first = closure()
-    if not math.isfinite(first.item()):
-        return {}
-    moved = [name for name, u in free.items() if u.grad is not None and u.grad.abs().sum() > 0]
     optimizer.step(closure)
     with torch.no_grad():
-        last = negative_log_likelihood()
-    if not (torch.isfinite(last) and last <= first):
-        return {}
-    return {name: transforms[name](free[name]).detach() for name in moved}
+        last = loss_fn()
+    return bool(torch.isfinite(last) and last <= start_loss.detach())
