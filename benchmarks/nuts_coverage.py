@@ -29,7 +29,7 @@ import xarray as xr
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts
 from pyro_nlme.simulate import DesignConfig, simulate_design
-from pyro_nlme_models.g2was import g2was
+from pyro_nlme_models.g2was import PARAMETRIZATIONS, g2was
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 PROBABILITY = 0.9
@@ -37,7 +37,18 @@ PROBABILITY = 0.9
 
 def curve_parameters(posterior: xr.Dataset) -> xr.DataArray:
     """Posterior draws of every plant's curve parameters
-    ``[chain, draw, variety, scenario, plant, curve_parameter]``."""
+    ``[chain, draw, variety, scenario, plant, curve_parameter]`` (sampled directly in the
+    centred form, summed from the effects in the non-centred one)."""
+    if "plant_parameter" in posterior:
+        phi = posterior["plant_parameter"]
+    elif "variety_scenario_parameter" in posterior:
+        phi = posterior["variety_scenario_parameter"].expand_dims(plant=[1], axis=-2)
+    else:
+        phi = _summed_curve_parameters(posterior)
+    return phi.transpose("chain", "draw", "variety", "scenario", "plant", "curve_parameter")
+
+
+def _summed_curve_parameters(posterior: xr.Dataset) -> xr.DataArray:
     phi = (posterior["scenario_mean"] + posterior["genetic_value"]) + posterior.get(
         "variety_scenario_effect", 0.0
     )
@@ -45,7 +56,7 @@ def curve_parameters(posterior: xr.Dataset) -> xr.DataArray:
         phi = phi + posterior["plant_effect"]
     else:
         phi = phi.expand_dims(plant=[1], axis=-2)
-    return phi.transpose("chain", "draw", "variety", "scenario", "plant", "curve_parameter")
+    return phi
 
 
 def covered(draws: xr.DataArray, truth: np.ndarray) -> np.ndarray:
@@ -71,11 +82,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         warmup=args.warmup,
         samples=args.samples,
         init_refine_steps=args.refine_steps,
+        reparam=args.reparam,
         seed=seed,
         progress=False,
     )
     start = time.perf_counter()
-    fit = fit_nuts(g2was, data, config, model_kwargs={"marker_form": "kinship"})
+    model_kwargs = {"marker_form": "kinship", "parametrization": args.parametrization}
+    fit = fit_nuts(g2was, data, config, model_kwargs=model_kwargs)
     wall = time.perf_counter() - start
     posterior = fit.inference_data.posterior
     stats = fit.inference_data.sample_stats
@@ -90,6 +103,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         "seed": seed,
         "wall_s": wall,
         "divergences": int(stats["diverging"].sum()),
+        "mean_tree_depth": float(stats["tree_depth"].mean()),
         "max_r_hat": float(fit.population_summary["r_hat"].max()),
     }
     return [
@@ -149,6 +163,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--refine-steps", type=int, default=1000, help="init_refine_steps")
+    parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="noncentred")
+    parser.add_argument(
+        "--reparam",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NUTSConfig.reparam: sample the individual latents non-centred",
+    )
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -170,11 +191,15 @@ def main() -> None:
         f"Command: `python benchmarks/nuts_coverage.py --seeds {args.seeds} "
         f"--first-seed {args.first_seed} --varieties {args.varieties} --markers {args.markers} "
         f"--plants {args.plants} --days {args.days} --chains {args.chains} "
-        f"--warmup {args.warmup} --samples {args.samples} --refine-steps {args.refine_steps}`",
+        f"--warmup {args.warmup} --samples {args.samples} --refine-steps {args.refine_steps} "
+        f"--parametrization {args.parametrization} "
+        f"--{'' if args.reparam else 'no-'}reparam`",
         "",
-        f"g2was in kinship form; nominal {PROBABILITY:.0%} equal-tailed intervals. Divergences "
+        f"g2was in kinship form ({args.parametrization}); nominal {PROBABILITY:.0%} "
+        "equal-tailed intervals. Divergences "
         f"over all fits: {int(frame.groupby('seed')['divergences'].first().sum())}; "
         f"largest population r_hat: {frame['max_r_hat'].max():.3f}; "
+        f"mean tree depth: {frame.groupby('seed')['mean_tree_depth'].first().mean():.1f}; "
         f"median wall time per fit: {frame.groupby('seed')['wall_s'].first().median():.0f} s.",
         "",
         markdown_table(summary),

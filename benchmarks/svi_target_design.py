@@ -27,9 +27,11 @@ from pyro_nlme.data import GenotypeMatrix, load_data
 from pyro_nlme.export import package_versions
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
-from pyro_nlme_models.g2was import g2was
+from pyro_nlme_models.g2was import PARAMETRIZATIONS, g2was
 
 PARAMETERS = ("log_asymptote", "log_rate", "inflection")
+NOTES_HEADING = "## Notes (by hand; a rerun replaces everything above, not these notes)"
+SUMMARY_SITES = ("scenario_mean", "genetic_sd", "variety_scenario_sd", "plant_sd", "noise_sd")
 
 
 def simulated(n_varieties: int, n_heldout: int, n_markers: int, seed: int):
@@ -76,7 +78,8 @@ def one_fit(args) -> dict:
         num_draws=args.draws,
     )
     started = time.perf_counter()
-    result = fit_svi(g2was, data, config, model_kwargs={"marker_form": args.marker_form})
+    model_kwargs = {"marker_form": args.marker_form, "parametrization": args.parametrization}
+    result = fit_svi(g2was, data, config, model_kwargs=model_kwargs)
     wall = time.perf_counter() - started
     posterior = result.inference_data.posterior
     truth = sim.truth
@@ -109,8 +112,36 @@ def one_fit(args) -> dict:
             f"genetic_sd_{name}": float(posterior["genetic_sd"].mean(("chain", "draw"))[k])
             for k, name in enumerate(PARAMETERS)
         },
+        "noise_sd": float(posterior["noise_sd"].mean()),
         **correlations(predicted, heldout_truth),
+        "population": {
+            name: {
+                "mean": posterior[name].mean(("chain", "draw")).values.ravel().tolist(),
+                "sd": posterior[name].std(("chain", "draw")).values.ravel().tolist(),
+            }
+            for name in SUMMARY_SITES
+        },
     }
+
+
+def max_shift(run: dict, reference: dict) -> tuple[float, str]:
+    """Largest difference of a population posterior mean between ``run`` and the longer
+    ``reference`` fit, in the reference's posterior SDs (0: the extra steps changed nothing),
+    and the scalar where it is (``site[flat index]``)."""
+    shifts = [
+        (abs(a - b) / sd, f"{name}[{i}]")
+        for name in SUMMARY_SITES
+        for i, (a, b, sd) in enumerate(
+            zip(
+                run["population"][name]["mean"],
+                reference["population"][name]["mean"],
+                reference["population"][name]["sd"],
+                strict=True,
+            )
+        )
+    ]
+    shift, where = max(shifts)
+    return float(shift), where
 
 
 def _log_logistic(t, log_asymptote, log_rate, inflection):
@@ -179,9 +210,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="amortised fits (seeds 0..runs-1)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=5000)
+    parser.add_argument(
+        "--reference-steps",
+        type=int,
+        default=0,
+        help="also fit seed 0 with this many steps; report each run's largest shift from it",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--marker-form", choices=["effects", "kinship"], default="kinship")
+    parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="centred")
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -201,22 +239,34 @@ def main() -> None:
         str(args.data_seed),
         "--batch-size",
         str(args.batch_size),
-        "--max-steps",
-        str(args.max_steps),
         "--lr",
         str(args.lr),
         "--draws",
         str(args.draws),
         "--marker-form",
         args.marker_form,
+        "--parametrization",
+        args.parametrization,
     ]
-    runs = [("amortized", seed) for seed in range(args.runs)] + [("normal", 0)]
+    runs = [("amortized", seed, args.max_steps) for seed in range(args.runs)] + [
+        ("normal", 0, args.max_steps)
+    ]
+    if args.reference_steps:
+        runs.append(("amortized", 0, args.reference_steps))
     rows = []
-    for guide, seed in runs:
+    for guide, seed, steps in runs:
         command = [sys.executable, __file__, "--single", "--guide", guide, "--seed", str(seed)]
-        output = subprocess.run(command + common, check=True, capture_output=True, text=True)
+        options = [*common, "--max-steps", str(steps)]
+        output = subprocess.run(command + options, check=True, capture_output=True, text=True)
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "population"}, flush=True)
+    if args.reference_steps:
+        rows[-1]["guide"] = f"amortized, {args.reference_steps} steps (reference)"
+        for row in rows[:-1]:
+            shift, where = max_shift(row, rows[-1])
+            row["max_shift_vs_reference_sd"], row["max_shift_at"] = shift, where
+    for row in rows:
+        del row["population"]
     sim, data, new = simulated(args.varieties, args.heldout, args.markers, args.data_seed)
     rows.append(two_stage_ridge(sim, data, new))
     table = pd.DataFrame(rows)
@@ -230,7 +280,8 @@ def main() -> None:
         "",
         f"Design: {args.varieties} varieties x 3 scenarios x 2 plants x 21 days, "
         f"{args.markers} markers, {args.heldout} held-out varieties (markers only); "
-        f"batch {args.batch_size}, lr {args.lr}, at most {args.max_steps} steps.",
+        f"{args.marker_form} form, {args.parametrization}; batch {args.batch_size}, "
+        f"lr {args.lr}, at most {args.max_steps} steps.",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"threads; versions: {json.dumps(package_versions())}",
         "",
@@ -244,8 +295,15 @@ def main() -> None:
         "varieties, per curve parameter. curve_r2: posterior mean curves of the fitted "
         "variety x scenario x plant combinations against the true noise-free curves. "
         "scenario_mean_coverage_90: share of the 9 scenario means inside their 90% "
-        "posterior intervals.",
+        "posterior intervals. Truth: genetic SDs 0.25, 0.15, 1.0; noise SD 0.08. "
+        "max_shift_vs_reference_sd: largest change of a population posterior mean (scenario "
+        "means, SDs, noise) between the run and the longer reference run of seed 0, in the "
+        "reference's posterior SDs (max_shift_at: which one; flat index over scenario x "
+        "curve parameter for scenario_mean).",
     ]
+    notes = out.read_text().partition(NOTES_HEADING)[2] if out.exists() else ""
+    if notes:
+        lines += ["", NOTES_HEADING + notes.rstrip("\n")]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 

@@ -235,9 +235,7 @@ def g2was(
         phi = scenario_mean[:, None, None, :] + genetic
         with scenarios:
             if with_interaction:
-                phi = _random_level(
-                    "variety_scenario", phi, variety_scenario_sd, parametrization
-                )
+                phi = _random_level("variety_scenario", phi, variety_scenario_sd, parametrization)
             with plant_plate(data):
                 if data.n_plants > 1:
                     phi = _random_level("plant", phi, plant_sd, parametrization)

@@ -225,20 +225,19 @@ def fit_svi(
         init_values = pooled_estimates(
             fitted_model, data, fitted_structure, summary_sites(model, structure), model_kwargs
         )
-    anchors = {}
+    population_modes, anchors = {}, {}
     if config.guide == "amortized" and config.anchor == "modes":
         init_loc_fn = init_to_value(values=init_values, fallback=init_to_prior_median)
         population_modes, anchors = conditional_modes(
             fitted_model, data, fitted_structure, init_loc_fn, model_kwargs
         )
-        init_values = {**init_values, **population_modes}
     guide = build_guide(
         config.guide,
         fitted_model,
         data,
         fitted_structure,
         rank=config.rank,
-        init_values=init_values,
+        init_values={**init_values, **population_modes},
         **(
             {
                 "hidden": config.encoder_hidden,
@@ -283,7 +282,7 @@ def fit_svi(
             **dataclasses.asdict(config),
             "steps_run": training.step,
             "pooled_init": {name: value.tolist() for name, value in init_values.items()},
-            "anchored_sites": sorted(anchors),
+            "anchored_sites": sorted([*population_modes, *anchors]),
         },
         seed=config.seed,
         model_name=model_name,

@@ -138,8 +138,9 @@ def kinship_genetic_values(
     parametrization: str = "noncentred",
 ) -> torch.Tensor:
     """Genetic values ``g[:, k] ~ MultivariateNormal(0, genetic_sd[k] ** 2 * K)`` as a
-    population-level latent in the eigen-basis of ``K`` and a deterministic site ``name`` ``[V, K]``.
-    Call it outside the variety plate: the genetic values of different varieties are correlated.
+    population-level latent in the eigen-basis of ``K`` and a deterministic site ``name``
+    ``[V, K]``. Call it outside the variety plate: the genetic values of different varieties
+    are correlated.
 
     - ``"noncentred"``: ``{name}_raw ~ Normal(0, 1)`` ``[V, K]`` and ``g = F @ raw * genetic_sd``
       (``F`` from :func:`relationship_factor`). Suits weakly informative data (few observations
@@ -177,7 +178,10 @@ def kinship_genetic_values(
         return pyro.deterministic(name, (factor @ raw) * genetic_sd, event_dim=2)
     root_eigenvalues = factor.norm(dim=0)  # column j of F is U_j sqrt(lambda_j)
     kept = root_eigenvalues**2 > RANK_TOLERANCE * root_eigenvalues.max() ** 2
-    root_eigenvalues, eigenvectors = root_eigenvalues[kept], factor[:, kept] / root_eigenvalues[kept]
+    root_eigenvalues, eigenvectors = (
+        root_eigenvalues[kept],
+        factor[:, kept] / root_eigenvalues[kept],
+    )
     component = pyro.sample(
         f"{name}_component",
         dist.Normal(genetic_sd.new_zeros(()), root_eigenvalues[:, None] * genetic_sd).to_event(2),

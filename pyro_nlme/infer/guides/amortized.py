@@ -156,6 +156,10 @@ class AmortizedGuide(PyroModule):
     :param coupled_sites: population sites the individual locations depend on (see below);
         default: none.
     :param init_loc_fn: initial values of the population factors' locations.
+    :param anchors: per individual site, a location and an SD ``[V, *unconstrained shape]``
+        over all varieties (:func:`~pyro_nlme.infer.guides.modes.conditional_modes`): the
+        origin of the site's locations and its initial scales. Sites without one are measured
+        from their conditional prior means at the initial population values.
 
     The guide is ``q(population) * prod_v q(individual_v | population, data_v)``, the structure
     of Agrawal & Domke (2021) for hierarchical models: the individual locations are the
@@ -164,7 +168,11 @@ class AmortizedGuide(PyroModule):
     shared by all varieties and starting at 0. Without it the population factors are
     independent of the individual ones, and the posterior SD of a population mean that the
     individual effects can offset (a scenario mean against the effects of the same scenario)
-    comes out several times too small.
+    comes out several times too small. The individual locations also follow the change of their
+    conditional prior mean from its initial value with a gain per coordinate (``prior_gain``,
+    shared by all varieties, starting at 1): for a Gaussian level the exact conditional
+    posterior mean is linear in the prior mean, with slope the prior's share of the precision
+    (docs/svi.md).
     """
 
     def __init__(
@@ -178,7 +186,7 @@ class AmortizedGuide(PyroModule):
         init_scale: float = 0.05,
         coupled_sites: Sequence[str] = (),
         init_loc_fn: Callable = init_to_prior_median,
-        anchors: dict[str, torch.Tensor] | None = None,
+        anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -216,7 +224,7 @@ class AmortizedGuide(PyroModule):
         self.anchors = dict(anchors or {})
         self.init_scale = init_scale
         self.prior_gain = PyroParam(torch.ones(offset, dtype=data.times.dtype, device=data.device))
-        self._reference: tuple[dict, dict] | None = None
+        self._reference: tuple[dict, dict, dict, dict] | None = None
 
     def reference(self, data: NLMEData, model_kwargs: dict) -> tuple[dict, dict, dict, dict]:
         """Per real-valued individual site, at the initial population values: its conditional
