@@ -1,5 +1,5 @@
-"""Per-variety conditional modes of the individual-level latents: where the amortised guide's
-individual locations start.
+"""Conditional modes of the latents and Laplace SDs of the individual ones: where the amortised
+guide starts.
 
 An encoder started at the conditional prior means must learn, from the trajectories alone, the
 nonlinear map from a curve to its parameters before the population-level factors can move:
@@ -116,6 +116,8 @@ def _laplace_sd(
 
     :returns: per site ``[V, *shape]``, the shape of its unconstrained values.
     """
+    if not individual:
+        return {}
     tensors = list(individual.values())
     n_varieties = tensors[0].shape[0]
     widths = [tensor[0].numel() for tensor in tensors]

@@ -82,3 +82,24 @@ def test_modes_and_laplace_sds_are_the_penalised_least_squares_solution(unbalanc
     torch.testing.assert_close(level_sd.double().flatten(), expected_sd, rtol=1e-4, atol=0)
     # The variety without data sits at its conditional prior: mode = mean, SD = EFFECT_SD.
     assert level_sd.flatten()[-1].item() == pytest.approx(EFFECT_SD, rel=1e-4)
+
+
+@nlme_model()
+def common_level(data, subsample_size=None):
+    """``y[v, t] ~ Normal(mean, 1)``: no individual latent."""
+    mean = pyro.sample("mean", dist.Normal(0.0, PRIOR_SD))
+    with variety_plate(data, subsample_size) as idx:
+        batch = data.subset(idx)
+        with scenario_plate(data), plant_plate(data), time_plate(data):
+            return observe(batch, dist.Normal(mean, 1.0))
+
+
+def test_a_model_without_individual_latents_gets_its_population_mode(unbalanced_data):
+    structure = model_structure(common_level, unbalanced_data)
+    population, individual = conditional_modes(
+        common_level, unbalanced_data, structure, init_to_prior_median
+    )
+    values = unbalanced_data.values[unbalanced_data.mask].double()
+    exact = values.sum() / (len(values) + 1 / PRIOR_SD**2)
+    assert individual == {}
+    assert population["mean"].item() == pytest.approx(exact.item(), abs=1e-4)
