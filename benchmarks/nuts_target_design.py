@@ -32,7 +32,7 @@ import pandas as pd
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts
 from pyro_nlme.simulate import DesignConfig, simulate_design
-from pyro_nlme_models.g2was import g2was
+from pyro_nlme_models.g2was import PARAMETRIZATIONS, g2was
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 POPULATION = ("scenario_mean", "genetic_sd", "variety_scenario_sd", "plant_sd", "noise_sd")
@@ -119,6 +119,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--max-tree-depth", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="noncentred")
+    parser.add_argument(
+        "--reparam",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NUTSConfig.reparam: sample the individual latents non-centred",
+    )
     parser.add_argument("--save", type=Path, default=None, help="netCDF of the NUTS fit")
     parser.add_argument("--svi", type=Path, default=None, help="netCDF of an SVI fit")
     parser.add_argument(
@@ -159,11 +166,13 @@ def main() -> None:
         warmup=args.warmup,
         samples=args.samples,
         max_tree_depth=args.max_tree_depth,
+        reparam=args.reparam,
         seed=args.seed,
         progress=False,
     )
     start = time.perf_counter()
-    fit = fit_nuts(g2was, data, config, model_kwargs={"marker_form": "kinship"})
+    model_kwargs = {"marker_form": "kinship", "parametrization": args.parametrization}
+    fit = fit_nuts(g2was, data, config, model_kwargs=model_kwargs)
     wall = time.perf_counter() - start
     idata = fit.inference_data
     if args.save:
@@ -187,6 +196,8 @@ def main() -> None:
                 if n not in ("curve", "genetic_value")
             )
         ),
+        "parametrization": args.parametrization,
+        "reparam": args.reparam,
         "chains": args.chains,
         "warmup": args.warmup,
         "samples": args.samples,
