@@ -10,10 +10,19 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.model.convention import OBSERVED_SITE, VARIETY_PLATE, model_event_dims
+
+
+def is_real_support(support: constraints.Constraint) -> bool:
+    """Whether a site's support is the real line, elementwise (``real`` or ``independent(real,
+    n)``): its unconstrained value is its value."""
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
 
 
 @dataclass(frozen=True)

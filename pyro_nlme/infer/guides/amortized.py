@@ -18,7 +18,6 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import InitMessenger
@@ -29,7 +28,7 @@ from torch import nn
 from pyro_nlme.data import GenotypeMatrix, NLMEData
 from pyro_nlme.infer.guides.init import init_to_prior_median
 from pyro_nlme.infer.guides.pooled import PriorMeans
-from pyro_nlme.infer.util import ModelStructure, SiteInfo
+from pyro_nlme.infer.util import ModelStructure, SiteInfo, is_real_support
 from pyro_nlme.model.convention import CURVE_SITE, VARIETY_DIM, VARIETY_PLATE
 
 ENCODER = "encoder"
@@ -128,10 +127,7 @@ class _SiteLayout:
         self.name = info.name
         self.event_dim = info.event_dim
         self.transform = biject_to(info.support)
-        self.prior_relative = info.support is constraints.real or (
-            isinstance(info.support, constraints.independent)
-            and info.support.base_constraint is constraints.real
-        )
+        self.prior_relative = is_real_support(info.support)
         self.unconstrained_shape = tuple(self.transform.inv.forward_shape(info.shape))[1:]
         self.size = math.prod(self.unconstrained_shape)
         self.offset = offset

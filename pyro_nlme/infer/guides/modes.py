@@ -21,13 +21,12 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.infer.guides.pooled import minimize_lbfgs
-from pyro_nlme.infer.util import ModelStructure
+from pyro_nlme.infer.util import ModelStructure, is_real_support
 
 
 def conditional_modes(
@@ -57,13 +56,7 @@ def conditional_modes(
     with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), poutine.block():
         start = poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace(data, **model_kwargs)
     population = [
-        name
-        for name, info in structure.population.items()
-        if info.support is constraints.real
-        or (
-            isinstance(info.support, constraints.independent)
-            and info.support.base_constraint is constraints.real
-        )
+        name for name, info in structure.population.items() if is_real_support(info.support)
     ]
     held = {
         name: start.nodes[name]["value"].detach()

@@ -39,9 +39,9 @@ from typing import NamedTuple
 
 import torch
 from pyro.distributions import Normal
-from torch.distributions import constraints
 
 from pyro_nlme.data import GenotypeMatrix
+from pyro_nlme.infer.util import is_real_support
 from pyro_nlme.model.kinship import RANK_TOLERANCE, blup_marker_effects, genomic_relationship
 
 
@@ -115,14 +115,8 @@ def detect(joint, probes, zs, rows, diagonal, elements, unwrap) -> MarkerField |
     n_markers = markers.n_markers
     traces = [joint.trace(p, z, rows) for p, z in zip(probes[:2], zs[:2], strict=True)]
     for b in joint.population:
-        if len(b.shape) != 2 or b.shape[0] != n_markers or b.support is not constraints.real:
-            if not (
-                len(b.shape) == 2
-                and b.shape[0] == n_markers
-                and isinstance(b.support, constraints.independent)
-                and b.support.base_constraint is constraints.real
-            ):
-                continue
+        if len(b.shape) != 2 or b.shape[0] != n_markers or not is_real_support(b.support):
+            continue
         bases = [unwrap(t.nodes[b.name]["fn"])[0] for t in traces]
         if not all(isinstance(f, Normal) and not f.loc.any() for f in bases):
             continue

@@ -30,7 +30,7 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from torch.distributions import Independent, biject_to, constraints
 
 from pyro_nlme.data import NLMEData
-from pyro_nlme.infer.util import ModelStructure, model_structure
+from pyro_nlme.infer.util import ModelStructure, is_real_support, model_structure
 from pyro_nlme.model.convention import OBSERVED_SITE
 
 
@@ -192,11 +192,7 @@ class JointModel:
         """bool ``[theta_dim]``: elements of real-supported sites (identity transform)."""
         flags = []
         for b in self.population:
-            real = b.support is constraints.real or (
-                isinstance(b.support, constraints.independent)
-                and b.support.base_constraint is constraints.real
-            )
-            flags += [real] * b.size
+            flags += [is_real_support(b.support)] * b.size
         return torch.tensor(flags, dtype=torch.bool)
 
     def clear_rows(self) -> None:

@@ -48,6 +48,7 @@ from torch.distributions.transforms import ExpTransform, IndependentTransform
 from pyro_nlme.infer.saem import field as marker_field
 from pyro_nlme.infer.saem.derivatives import derivatives
 from pyro_nlme.infer.saem.joint import JointModel, LogDensity, Rows, Shift
+from pyro_nlme.infer.util import is_real_support
 from pyro_nlme.model.convention import OBSERVED_SITE
 
 ANNEALING_FACTOR = 0.95
@@ -358,10 +359,7 @@ def _locations(
     scale_indices = {int(i) for g in diagonal for i in g.scale_index.tolist()}
     candidates = []
     for b in joint.population:
-        if b.support is not constraints.real and not (
-            isinstance(b.support, constraints.independent)
-            and b.support.base_constraint is constraints.real
-        ):
+        if not is_real_support(b.support):
             continue
         if b.size > MAX_LOCATION_SITE_SIZE or b.name in scale_sites | excluded:
             continue
