@@ -13,8 +13,8 @@ targets of one data set share their population parameters.
 
 The defaults are the configuration in which NUTS converges on this design (docs/nuts.md): the
 centred parametrisation sampled as written (``--no-reparam``), two chains of 200 warm-up and
-300 kept iterations, one torch thread (the files are rewritten after every seed, so an
-interrupted run leaves the table of the seeds done).
+300 kept iterations, one torch thread. The files are rewritten after every seed, so an
+interrupted run leaves the table of the seeds done, and ``--resume`` continues it.
 
 Usage::
 
@@ -196,12 +196,22 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds already in docs/benchmarks/nuts_coverage.csv (same settings)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.resume and (OUT / "nuts_coverage.csv").exists():
+        rows = pd.read_csv(OUT / "nuts_coverage.csv").to_dict("records")
+    done = {row["seed"] for row in rows}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if seed in done:
+            continue
         rows += run_seed(seed, args)
         frame = pd.DataFrame(rows)
         frame.to_csv(OUT / "nuts_coverage.csv", index=False)
