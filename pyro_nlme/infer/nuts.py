@@ -85,6 +85,11 @@ class NUTSConfig:
     :param jit: compile the potential energy with the PyTorch JIT (pays off for small models,
         whose cost is Python overhead).
     :param reparam: sample location-scale individual latents non-centred.
+    :param noncentred_sites: further latent sites with a location-scale prior sampled
+        non-centred whatever ``reparam``: a level the data inform weakly in a model whose other
+        levels are better centred (``("genetic_value_component",)`` for ``g2was`` in the
+        centred kinship form: 6 varieties give 5 eigen-components, a funnel when centred,
+        while each curve is pinned by its data; docs/nuts.md).
     :param seed: chain ``c`` is seeded ``seed + c``; the predictive draws ``seed``.
     :param device: torch device of the data and the model.
     :param progress: show Pyro's progress bar.
@@ -101,6 +106,7 @@ class NUTSConfig:
     init_refine_steps: int = 0
     jit: bool = True
     reparam: bool = True
+    noncentred_sites: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -161,13 +167,38 @@ def latent_size(model: Callable, data: NLMEData, **model_kwargs) -> int:
     )
 
 
-def non_centred(model: Callable, data: NLMEData, **model_kwargs) -> tuple[Callable, list[str]]:
-    """The model with every site of :func:`reparametrised_sites` sampled fully non-centred
-    (the model itself if there is none), and those sites."""
+def non_centred(
+    model: Callable, data: NLMEData, extra: tuple[str, ...] = (), **model_kwargs
+) -> tuple[Callable, list[str]]:
+    """The model with every site of :func:`reparametrised_sites`, and the latent sites
+    ``extra``, sampled fully non-centred (the model itself if there is none), and those sites.
+
+    :raises ValueError: if a site of ``extra`` is not a latent site with a location-scale prior.
+    """
     sites = reparametrised_sites(model, data, **model_kwargs)
+    trace = trace_model(model, data, **model_kwargs)
+    for name in extra:
+        site = trace.nodes.get(name)
+        if (
+            site is None
+            or site["type"] != "sample"
+            or site["is_observed"]
+            or site["infer"].get("_deterministic", False)
+            or not isinstance(_base_distribution(site["fn"]), LOC_SCALE_FAMILIES)
+        ):
+            raise ValueError(
+                f"noncentred site {name!r} is not a latent site with a location-scale prior"
+            )
+        if name not in sites:
+            sites.append(name)
+    return reparametrised(model, sites), sites
+
+
+def reparametrised(model: Callable, sites: list[str]) -> Callable:
+    """``model`` with ``sites`` sampled fully non-centred (``model`` itself if none)."""
     if not sites:
-        return model, sites
-    return poutine.reparam(model, config={name: _NonCentredReparam() for name in sites}), sites
+        return model
+    return poutine.reparam(model, config={name: _NonCentredReparam() for name in sites})
 
 
 class ShrunkWelfordCovariance(WelfordCovariance):
@@ -427,9 +458,10 @@ def fit_nuts(
     model_kwargs = dict(model_kwargs or {})
     data = data.to(config.device)
     structure = model_structure(model, data, **model_kwargs)
-    non_centred_model, location_scale_sites = non_centred(model, data, **model_kwargs)
-    reparam_sites = location_scale_sites if config.reparam else []
-    sampled_model = non_centred_model if reparam_sites else model
+    extra = tuple(config.noncentred_sites)
+    non_centred_model, search_sites = non_centred(model, data, extra, **model_kwargs)
+    reparam_sites = [name for name in search_sites if name in extra or config.reparam]
+    sampled_model = reparametrised(model, reparam_sites)
     if config.dense_mass is None:
         config = dataclasses.replace(
             config,
@@ -440,7 +472,7 @@ def fit_nuts(
             sampled_model,
             data,
             dense=config.dense_mass,
-            search_model=None if sampled_model is non_centred_model else non_centred_model,
+            search_model=None if reparam_sites == search_sites else non_centred_model,
             max_iterations=config.init_iterations,
             refine_steps=config.init_refine_steps,
             seed=config.seed,
