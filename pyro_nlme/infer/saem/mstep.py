@@ -389,16 +389,23 @@ def _locations(
         best = None
         for e in components:
             je = [j[:, e] for j in jac_z]
-            valid = (je[0].abs() > 1e-9) & (je[1].abs() > 1e-9)
-            if not valid.any():
+            # Each probe on its own varieties: where the component's gradient vanishes (a
+            # saturated curve), the parameter's must vanish too; elsewhere their ratio is the
+            # coefficient, the same at both probes where both see it.
+            valid = [je[p].abs() > 1e-9 for p in (0, 1)]
+            if not (valid[0] | valid[1]).any():
                 continue
-            if any(torch.any(ja[p][~valid].abs() > 1e-9 * (1 + ja[p].abs().max())) for p in (0, 1)):
+            if any(
+                torch.any(ja[p][~valid[p]].abs() > 1e-9 * (1 + ja[p].abs().max())) for p in (0, 1)
+            ):
                 continue
-            ratios = [ja[p][valid] / je[p][valid] for p in (0, 1)]
-            if torch.allclose(ratios[0], ratios[1], rtol=1e-6, atol=1e-9):
-                coef = torch.zeros(joint.n_varieties, dtype=joint.dtype)
-                coef[valid] = ratios[0]
-                best = (e, coef)
+            ratios = [
+                torch.where(valid[p], ja[p] / torch.where(valid[p], je[p], 1.0), 0.0)
+                for p in (0, 1)
+            ]
+            both = valid[0] & valid[1]
+            if torch.allclose(ratios[0][both], ratios[1][both], rtol=1e-6, atol=1e-9):
+                best = (e, torch.where(valid[0], ratios[0], ratios[1]))
                 break
         if best is None:
             continue

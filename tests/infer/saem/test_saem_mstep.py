@@ -101,3 +101,24 @@ def test_closed_form_equals_numerical_argmax(model_name, orange_data, soybean_da
     np.testing.assert_allclose(
         report.fn(solved).numpy(), report.fn(theta).numpy(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_g2was_plan_centres_every_scenario_mean():
+    """Every scenario mean of g2was (effects form, with markers) is the location of its
+    variety x scenario effects, coefficient 1 for every variety. The logistic saturates at
+    the random probe points, so some varieties' gradients vanish at one probe and not at the
+    other: the detection must judge each probe on its own varieties (it used to reject the
+    log rate and inflection means of 40 simulated varieties, which then took the slow
+    gradient path)."""
+    from pyro_nlme.data import load_data
+    from pyro_nlme.simulate import DesignConfig, simulate_design
+    from pyro_nlme_models.g2was import g2was
+
+    sim = simulate_design(DesignConfig(n_varieties=40, n_heldout=0, n_markers=300), seed=0)
+    data = load_data(sim.phenotypes, markers=sim.genotype_table())
+    joint = JointModel(g2was, data, {"marker_form": "effects"})
+    plan = mstep.analyse(joint, joint.initial_theta())
+    assert _labels(joint, plan.gradient) == ["noise_sd"]
+    mean = next(b for b in joint.population if b.name == "scenario_mean")
+    assert sorted(joint.shift.theta_index.tolist()) == list(range(mean.offset, mean.offset + 9))
+    torch.testing.assert_close(joint.shift.coef, torch.ones_like(joint.shift.coef))
