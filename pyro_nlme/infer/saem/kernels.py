@@ -222,16 +222,19 @@ def dense_mala_step(
     if state.grad is None:
         state = init_with_grad(state.position, target)
     eps = step_size[:, None]
+    preconditioner = root @ root.transpose(1, 2)
+
+    def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
 
     def mean(s: ChainState) -> torch.Tensor:
-        drift = torch.einsum("nij,nkj,nk->ni", root, root, s.grad)
-        return s.position + 0.5 * eps**2 * drift
+        return s.position + 0.5 * eps**2 * matvec(preconditioner, s.grad)
 
     def log_q(to: torch.Tensor, frm: ChainState) -> torch.Tensor:
-        white = torch.einsum("nij,nj->ni", inverse_root, to - mean(frm)) / eps
+        white = matvec(inverse_root, to - mean(frm)) / eps
         return -0.5 * (white**2).sum(1)
 
-    noise = torch.einsum("nij,nj->ni", root, torch.randn_like(state.position))
+    noise = matvec(root, torch.randn_like(state.position))
     proposal = init_with_grad(mean(state) + eps * noise, target)
     log_ratio = (
         proposal.logdensity

@@ -86,18 +86,21 @@ def test_dense_kernel_crosses_a_ridge_the_diagonal_one_cannot(kernel):
     component at a fixed sum) by steps the size of the pinned direction, and its prior
     proposals are almost never accepted in 10 dimensions, so it fails."""
     torch.manual_seed(1)
-    n = 2000
+    n = 500
     target = _nested_target(n)
     state = init_e_step(target)
     state = state._replace(position=3.0 * torch.randn(n, 2 * PAIRS, dtype=torch.float64))
-    for _ in range(30):
+    for _ in range(20):
         state, _ = e_step(state, target, kernel, adapt=True)
-    for _ in range(30):
+    for _ in range(20):
         state, _ = e_step(state, target, kernel, adapt=False)
     mean, covariance = _nested_posterior()
     draws = state.position.reshape(n, PAIRS, 2)
     sd = covariance.diagonal().sqrt()
     mean_z = (draws.mean(0) - mean) / (sd / n**0.5)
     sd_z = (draws.std(0) / sd - 1) * (2 * n) ** 0.5
-    ok = bool(mean_z.abs().max() < 4 and sd_z.abs().max() < 4)
-    assert ok == (kernel == "dense_mala"), (mean_z, sd_z)
+    worst = float(torch.maximum(mean_z.abs().max(), sd_z.abs().max()))
+    if kernel == "dense_mala":
+        assert worst < 4, (mean_z, sd_z)
+    else:
+        assert worst > 10, (mean_z, sd_z)
