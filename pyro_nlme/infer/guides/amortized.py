@@ -30,6 +30,7 @@ from pyro_nlme.infer.guides.init import init_to_prior_median
 from pyro_nlme.infer.guides.pooled import PriorMeans
 from pyro_nlme.infer.util import ModelStructure, SiteInfo, is_real_support
 from pyro_nlme.model.convention import CURVE_SITE, VARIETY_DIM, VARIETY_PLATE
+from pyro_nlme.model.kinship import cached_relationship_factor
 
 ENCODER = "encoder"
 """Attribute name of the encoder in :class:`AmortizedGuide` (its parameters' name prefix)."""
@@ -38,20 +39,21 @@ MARKER_LAYER = "marker_layer"
 
 
 class VarietyEncoder(nn.Module):
-    """``(genotypes of B varieties, trajectory features [B, F]) -> (loc, scale) [B, D]``.
+    """``(marker features [B, R], trajectory features [B, F]) -> (loc, scale) [B, D]``.
 
-    The marker branch is one linear layer (``M x marker_hidden`` weights) on the minibatch's
-    standardised dosages; the trajectory branch an MLP on values, times and masks. The head
-    starts at ``loc = 0`` and ``scale = init_scale`` (the individual latents' prior centre).
+    The marker branch is one linear layer (``R x marker_hidden`` weights) on the varieties'
+    marker features (:func:`marker_features`); the trajectory branch an MLP on values, times
+    and masks. The head starts at ``loc = 0`` and ``scale = init_scale`` (the individual
+    latents' prior centre).
 
-    :param n_markers: markers per variety (0: no marker branch).
+    :param n_marker_features: marker features per variety (0: no marker branch).
     :param n_features: trajectory features per variety.
     :param output_dim: unconstrained individual-level dimensions per variety.
     """
 
     def __init__(
         self,
-        n_markers: int,
+        n_marker_features: int,
         n_features: int,
         output_dim: int,
         hidden: int = 64,
@@ -60,9 +62,11 @@ class VarietyEncoder(nn.Module):
     ):
         super().__init__()
         self.output_dim = output_dim
-        self.marker_layer = nn.Linear(n_markers, marker_hidden) if n_markers else None
+        self.marker_layer = (
+            nn.Linear(n_marker_features, marker_hidden) if n_marker_features else None
+        )
         self.trajectory = nn.Sequential(nn.Linear(n_features, hidden), nn.ELU())
-        width = hidden + (marker_hidden if n_markers else 0)
+        width = hidden + (marker_hidden if n_marker_features else 0)
         self.head = nn.Sequential(
             nn.Linear(width, hidden), nn.ELU(), nn.Linear(hidden, 2 * output_dim)
         )
@@ -73,18 +77,33 @@ class VarietyEncoder(nn.Module):
             last.bias[output_dim:] = math.log(math.expm1(init_scale))
 
     def forward(
-        self, markers: GenotypeMatrix | None, features: torch.Tensor
+        self, markers: torch.Tensor | None, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:param markers: the batch's genotypes (standardised inside the first layer).
+        """:param markers: ``[B, n_marker_features]``, see :func:`marker_features`.
         :param features: ``[B, n_features]``, see :func:`trajectory_features`."""
         hidden = [self.trajectory(features)]
         if self.marker_layer is not None:
-            layer = self.marker_layer
-            projected = markers.standardized_matmul(layer.weight.T) + layer.bias
-            hidden.append(torch.nn.functional.elu(projected))
+            hidden.append(torch.nn.functional.elu(self.marker_layer(markers)))
         out = self.head(torch.cat(hidden, -1))
         loc, raw_scale = out.split(self.output_dim, -1)
         return loc, torch.nn.functional.softplus(raw_scale) + 1e-4
+
+
+def marker_features(markers: GenotypeMatrix, dtype: torch.dtype) -> torch.Tensor:
+    """``[V, V]``: the varieties' marker principal-component scores, the rows of ``F``,
+    ``F F^T = K = Z Z^T / M`` (:func:`~pyro_nlme.model.kinship.cached_relationship_factor`,
+    ``Z`` the standardised dosages), times ``sqrt(V)``: their mean square is the mean
+    diagonal of ``K`` (about 1), so a default-initialised linear layer starts at the output
+    scale of one on ``Z``.
+
+    A linear function of a variety's ``M`` standardised dosages, ``Z w``, is a linear function
+    of its row of ``F`` (``Z = sqrt(M) F W^T`` for orthonormal ``W``), and the gradient of the
+    phenotyped varieties' ELBO leaves ``w`` outside their span untouched: a linear layer on
+    ``F`` is the ``M``-wide marker layer restricted to what the data move, with ``V`` inputs
+    instead of ``M`` (60,000 on the target design). ``K`` is computed once from blocks of
+    int8 dosages, without a float copy of the whole matrix, and shared with the kinship form
+    of a model."""
+    return cached_relationship_factor(markers, dtype) * markers.n_varieties**0.5
 
 
 def _asinh_features(values: torch.Tensor, batch: NLMEData) -> torch.Tensor:
@@ -144,7 +163,8 @@ class AmortizedGuide(PyroModule):
     :param model: a model following the convention.
     :param data: the full data set (sizes the encoder).
     :param structure: :func:`~pyro_nlme.infer.util.model_structure` of the model.
-    :param use_markers: feed the variety's standardised dosages to the encoder.
+    :param use_markers: feed the variety's marker features (:func:`marker_features`) to the
+        encoder.
     :param hidden: encoder width; ``marker_hidden`` width of the marker layer.
     :param init_scale: initial SD of the population factors (unconstrained scale) and initial
         relative SD of the individual ones (a fraction of their conditional prior SD at the
@@ -199,8 +219,13 @@ class AmortizedGuide(PyroModule):
             self.layouts.append(layout)
             offset += layout.size
         self.use_markers = use_markers and data.markers is not None
+        self.marker_features = (
+            marker_features(data.markers, data.times.dtype).to(data.device)
+            if self.use_markers
+            else None
+        )
         encoder = VarietyEncoder(
-            n_markers=data.n_markers if self.use_markers else 0,
+            n_marker_features=data.n_varieties if self.use_markers else 0,
             n_features=trajectory_features(data.subset([0])).shape[-1],
             output_dim=offset,
             hidden=hidden,
@@ -288,7 +313,7 @@ class AmortizedGuide(PyroModule):
         prior, prior_curve = self.conditional_prior(data, idx, values, model_kwargs)
         initial_prior, origin, unit, scale_unit = self.reference(data, model_kwargs)
         batch = data.subset(idx)
-        markers = batch.markers if self.use_markers else None
+        markers = self.marker_features[idx] if self.use_markers else None
         loc, scale = self.encoder(markers, trajectory_features(batch, prior_curve))
         loc = loc + self.coupling @ self.standardized_deviation(values)
         # One plate object per name: a plate is a sample site, created once per guide call.

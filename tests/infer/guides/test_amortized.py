@@ -9,6 +9,7 @@ import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
+import torch
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
@@ -93,3 +94,25 @@ def test_coupling_gives_the_exact_posterior_sd_of_a_population_mean(intercept_da
         assert fitted_sd == pytest.approx(exact_sd, rel=4 / math.sqrt(2 * n_draws))
     else:
         assert fitted_sd < 0.5 * exact_sd
+
+
+def test_marker_features_span_every_linear_function_of_the_markers():
+    """A linear layer on the marker features computes any ``Z w`` of the standardised dosages
+    (``Z w`` lies in their column span, to float64 rounding), and they have unit mean square
+    per column (the output scale of a default-initialised layer on ``Z``)."""
+    from pyro_nlme.infer.guides.amortized import marker_features
+    from pyro_nlme.simulate import DesignConfig, simulate_design
+
+    sim = simulate_design(DesignConfig(n_varieties=30, n_markers=400, n_days=3), seed=2)
+    markers = load_data(sim.phenotypes, markers=sim.genotype_table()).markers
+    features = marker_features(markers, torch.float64)
+    standardized = markers.standardized().double()
+    weights = torch.randn(markers.n_markers, 5, dtype=torch.float64)
+    target = standardized @ weights
+    solution = torch.linalg.lstsq(features, target).solution
+    residual = (features @ solution - target).norm() / target.norm()
+    assert residual < 1e-10
+    assert features.shape == (30, 30)
+    assert (features**2).mean().item() == pytest.approx(
+        float(torch.diagonal(standardized @ standardized.T).mean() / markers.n_markers), rel=1e-9
+    )
