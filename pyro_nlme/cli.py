@@ -120,6 +120,8 @@ def command_fit(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_steps=args.max_steps,
             lr=args.lr,
+            lr_decay_steps=args.lr_decay_steps,
+            noncentred_sites=tuple(args.noncentred_sites),
             num_draws=args.draws,
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
@@ -130,7 +132,13 @@ def command_fit(args: argparse.Namespace) -> int:
     elif args.method == "nuts":
         from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts
 
-        config = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples, **common)
+        config = NUTSConfig(
+            chains=args.chains,
+            warmup=args.warmup,
+            samples=args.samples,
+            noncentred_sites=tuple(args.noncentred_sites),
+            **common,
+        )
         result = fit_nuts(model, data, config, model_name=model_name, model_kwargs=model_kwargs)
     else:
         from pyro_nlme.infer.saem import MCEMConfig, SAEMConfig, fit_mcem, fit_saem
@@ -236,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="g2was: sample the random effects (noncentred, the default) or the curve "
         "parameters of each level (centred: suits SVI on well-observed curves, docs/svi.md)",
     )
+    fit.add_argument(
+        "--noncentred-sites",
+        nargs="+",
+        default=(),
+        metavar="SITE",
+        help="svi, nuts: latent sites fitted non-centred whatever the parametrisation (e.g. "
+        "genetic_value_component: the weakly informed genetic level, docs/svi.md)",
+    )
     fit.add_argument("--method", choices=["svi", "nuts", "saem", "mcem"], default="svi")
     fit.add_argument("--out", required=True, help="InferenceData netCDF file to write")
     fit.add_argument("--seed", type=int, default=0)
@@ -246,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     svi.add_argument("--batch-size", type=int, default=64, help="varieties per minibatch")
     svi.add_argument("--max-steps", type=int, default=5000)
     svi.add_argument("--lr", type=float, default=0.01)
+    svi.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        help="steps over which the learning rate decays to its final value, then held "
+        "(default: --max-steps)",
+    )
     svi.add_argument("--draws", type=int, default=200, help="posterior draws to export")
     svi.add_argument("--checkpoint", help="checkpoint file (written every --checkpoint-every)")
     svi.add_argument("--checkpoint-every", type=int, default=500)

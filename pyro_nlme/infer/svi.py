@@ -4,9 +4,10 @@ convention (docs/model_convention.md).
 One step: the guide draws a minibatch of varieties (``subsample_size``) and the model replays
 the same indices, so the ELBO estimate is unbiased for the full data set (sites inside the
 variety plate are scaled by ``n_varieties / batch_size``). Optimiser: ClippedAdam with an
-exponential learning-rate decay from ``lr`` to ``lr_final`` over ``max_steps``, the encoder's
-marker layer at ``lr * marker_lr_factor``. Stops on an ELBO plateau (:class:`PlateauRule`) or
-at ``max_steps``; a non-finite loss or gradient stops the run with an error naming the step and
+exponential learning-rate decay from ``lr`` to ``lr_final`` over ``lr_decay_steps`` (then
+constant), the encoder at ``lr * encoder_lr_factor`` and its marker layer at a further
+``marker_lr_factor``. Stops on an ELBO plateau (:class:`PlateauRule`) or at ``max_steps``; a
+non-finite loss or gradient stops the run with an error naming the step and
 the site, after saving the last finite state.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,12 +68,18 @@ class SVIConfig:
         conditional prior means.
     :param batch_size: varieties per minibatch (None: all varieties every step).
     :param max_steps: step budget.
-    :param lr: initial learning rate; ``lr_final`` the rate reached at ``max_steps``.
+    :param lr: initial learning rate; ``lr_final`` the rate reached after ``lr_decay_steps``
+        steps (None: ``max_steps``) of exponential decay, and kept after them.
     :param encoder_lr_factor: learning-rate factor of the amortised encoder's weights (a step
         of every weight of a layer in the same direction moves its output far more than a step
         of one variational parameter).
-    :param marker_lr_factor: further factor for the encoder's marker layer (a 60,000-wide layer
-        diverges at the rate that suits the rest).
+    :param marker_lr_factor: further factor for the encoder's marker layer. That layer acts on
+        the varieties' marker principal-component scores
+        (:func:`~pyro_nlme.infer.guides.amortized.marker_features`), a per-variety code the
+        encoder uses for the corrections its trajectory branch misses: at the default (the
+        base rate ``lr``) the full target design's loss after 2,500 steps matched that of the
+        former 60,000-wide layer on the dosages; at ``1.0`` it was 480 nats higher, at ``0.1``
+        980 (docs/svi.md).
     :param clip_norm: gradient norm clipping of ClippedAdam.
     :param num_particles: ELBO particles per step.
     :param stopping: the plateau rule (None: run ``max_steps``).
@@ -84,7 +91,15 @@ class SVIConfig:
     :param coupling: in the amortised guide, let the individual locations depend linearly on
         the population-level draws (:class:`~pyro_nlme.infer.guides.AmortizedGuide`); without
         it the posterior SDs of population means come out several times too small.
+    :param noncentred_sites: latent sites with a location-scale prior fitted non-centred
+        (besides per-marker effects, always): a weakly informed level in a model whose other
+        levels are better centred, ``("genetic_value_component",)`` for ``g2was`` in the
+        centred kinship form. Centred, the genetic SD of the inflection drifted from 0.64 to
+        0.74 over steps 2,000 to 3,500 of a fit of the target design whose ELBO had
+        plateaued; non-centred it stayed at 0.88-0.92 from step 1,250 (docs/svi.md).
     :param encoder_hidden: width of the amortised encoder.
+    :param encoder_markers: feed the variety's markers to the amortised encoder (besides its
+        trajectories).
     :param seed: seeds parameters' initialisation, minibatches and draws.
     :param device: ``cpu``, ``cuda``, ``cuda:1``, ...
     :param progress: show a progress bar.
@@ -97,8 +112,9 @@ class SVIConfig:
     max_steps: int = 5000
     lr: float = 0.01
     lr_final: float = 0.001
+    lr_decay_steps: int | None = None
     encoder_lr_factor: float = 0.1
-    marker_lr_factor: float = 0.1
+    marker_lr_factor: float = 10.0
     clip_norm: float = 10.0
     num_particles: int = 1
     stopping: PlateauRule | None = field(default_factory=PlateauRule)
@@ -108,14 +124,20 @@ class SVIConfig:
     resume: bool = False
     rank: int | None = None
     coupling: bool = True
+    noncentred_sites: tuple[str, ...] = ()
     encoder_hidden: int = 64
+    encoder_markers: bool = True
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
 
 
+def _decay_steps(config: SVIConfig) -> int:
+    return max(config.lr_decay_steps or config.max_steps, 1)
+
+
 def _optimizer(config: SVIConfig) -> ClippedAdam:
-    decay = (config.lr_final / config.lr) ** (1.0 / max(config.max_steps, 1))
+    decay = (config.lr_final / config.lr) ** (1.0 / _decay_steps(config))
 
     def per_parameter(module_name: str, param_name: str) -> dict:
         lr = config.lr
@@ -126,6 +148,13 @@ def _optimizer(config: SVIConfig) -> ClippedAdam:
         return {"lr": lr, "lrd": decay, "clip_norm": config.clip_norm}
 
     return ClippedAdam(per_parameter)
+
+
+def _hold_learning_rate(optim: ClippedAdam) -> None:
+    """Stop the learning-rate decay of every parameter's optimiser."""
+    for optimizer in optim.optim_objs.values():
+        for group in optimizer.param_groups:
+            group["lrd"] = 1.0
 
 
 def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
@@ -153,12 +182,23 @@ class _Training:
     seconds: list[float] = field(default_factory=list)
 
 
-def noncentred_marker_effects(model: Callable, structure: ModelStructure) -> Callable:
-    """``model`` with its per-marker effects non-centred (``LocScaleReparam``): the guide then
-    learns unit-scale ``*_decentered`` sites, whose natural scale (``genetic_sd / sqrt(M)``) is
-    far below any useful Adam step or initial guide SD. Only Normal sites are decentred (a
-    horseshoe's half-Cauchy local scales or a spike-and-slab mixture are not location-scale)."""
+def noncentred(
+    model: Callable, structure: ModelStructure, extra_sites: Sequence[str] = ()
+) -> Callable:
+    """``model`` with its per-marker effects and the sites ``extra_sites`` non-centred
+    (``LocScaleReparam``): the guide then learns unit-scale ``*_decentered`` sites. A
+    per-marker effect's natural scale (``genetic_sd / sqrt(M)``) is far below any useful Adam
+    step or initial guide SD; an extra site is a level the data inform weakly (see
+    ``SVIConfig.noncentred_sites``). Only Normal sites are decentred (a horseshoe's
+    half-Cauchy local scales or a spike-and-slab mixture are not location-scale).
+
+    :raises ValueError: if an extra site is not a latent site of the model.
+    """
+    unknown = sorted(set(extra_sites) - set(structure.latent))
+    if unknown:
+        raise ValueError(f"noncentred_sites {unknown} are not latent sites of the model")
     sites = {n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()}
+    sites |= set(extra_sites)
 
     def config(message: dict) -> LocScaleReparam | None:
         fn = message["fn"]
@@ -214,7 +254,7 @@ def fit_svi(
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     structure = model_structure(model, data, **model_kwargs)
-    fitted_model = noncentred_marker_effects(model, structure)
+    fitted_model = noncentred(model, structure, config.noncentred_sites)
     fitted_structure = model_structure(fitted_model, data, **model_kwargs)
     if config.init not in ("pooled", "prior"):
         raise ValueError(f"init must be 'pooled' or 'prior', got {config.init!r}")
@@ -241,6 +281,7 @@ def fit_svi(
         **(
             {
                 "hidden": config.encoder_hidden,
+                "use_markers": config.encoder_markers,
                 "coupled_sites": summary_sites(model, structure) if config.coupling else (),
                 "anchors": anchors,
             }
@@ -344,12 +385,16 @@ def _train(
         with poutine.trace(param_only=True) as capture:
             loss = elbo.loss_and_grads(model, guide, data, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None])
-        if not (math.isfinite(loss) and finite.all()):
+        # A sum is non-finite if any term is (and 30x cheaper than isfinite().all() on the
+        # 60,000-wide marker layer); it could overflow only at gradients near 1e38 / size.
+        sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
+        if not (math.isfinite(loss) and sums.isfinite().all()):
             _stop_on_nonfinite(model, guide, data, kwargs, loss, training.step, checkpoint, save)
         optim(params)
         zero_grads(params)
         training.step += 1
+        if training.step >= _decay_steps(config):
+            _hold_learning_rate(optim)
         training.losses.append(float(loss))
         training.seconds.append(time.perf_counter() - started)
         progress.update()

@@ -27,7 +27,7 @@ whose genetic values are ``Z @ beta`` with ``Z`` the standardised dosages.
 Every per-marker site is in the ``marker`` plate (dim -1, outside the variety plate:
 population-level), with the curve parameters as its event dim. The effects are sampled centred;
 the engines sample location-scale sites in plates non-centred (SVI:
-:func:`pyro_nlme.infer.svi.noncentred_marker_effects`; NUTS: ``reparam=True``), which for the
+:func:`pyro_nlme.infer.svi.noncentred`; NUTS: ``reparam=True``), which for the
 horseshoe is the non-centred form ``beta = tau * lambda_tilde * z``, ``z ~ Normal(0, 1)``.
 """
 

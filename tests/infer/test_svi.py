@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import arviz as az
@@ -16,8 +17,9 @@ from pyro.infer import Trace_ELBO
 import pyro_nlme.infer.svi as svi_module
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.guides import build_guide
+from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
 from pyro_nlme.infer.stopping import PlateauRule
-from pyro_nlme.infer.svi import NonFiniteError, SVIConfig, fit_svi, noncentred_marker_effects
+from pyro_nlme.infer.svi import NonFiniteError, SVIConfig, fit_svi, noncentred
 from pyro_nlme.infer.util import model_structure
 from pyro_nlme.model import observe, plant_plate, scenario_plate, time_plate, variety_plate
 from pyro_nlme.simulate import DesignConfig, simulate_design
@@ -38,7 +40,7 @@ def test_subsampled_elbo_is_unbiased(tiny, guide_kind):
     """Minibatch and full-data ELBO estimates of the same guide have the same expectation
     (the N/B scaling); 400 estimates each, difference within 4 Monte-Carlo SEs."""
     structure = model_structure(g2was, tiny)
-    model = noncentred_marker_effects(g2was, structure)
+    model = noncentred(g2was, structure)
     guide = build_guide(guide_kind, model, tiny, model_structure(model, tiny))
     elbo = Trace_ELBO()
     guide(tiny, subsample_size=4)
@@ -138,6 +140,48 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
             resumed.inference_data.posterior[name].values,
             whole.inference_data.posterior[name].values,
         )
+
+
+def test_learning_rate_decays_over_lr_decay_steps_then_holds(tiny, tmp_path):
+    """After ``lr_decay_steps`` every parameter's rate is ``lr_final`` times its factor, and
+    stays there (read from the last checkpoint's optimiser state, 20 steps later)."""
+    checkpoint = tmp_path / "run.pt"
+    config = SVIConfig(
+        batch_size=4,
+        max_steps=30,
+        lr=0.02,
+        lr_final=0.002,
+        lr_decay_steps=10,
+        checkpoint_every=30,
+        checkpoint_path=str(checkpoint),
+        **QUICK,
+    )
+    fit_svi(g2was, tiny, config)
+    state = torch.load(checkpoint, weights_only=False)["optim"]
+    for name, optimizer_state in state.items():
+        factor = 1.0
+        if name.startswith(ENCODER + "."):
+            factor = config.encoder_lr_factor
+            if MARKER_LAYER in name:
+                factor *= config.marker_lr_factor
+        for group in optimizer_state["param_groups"]:
+            assert group["lr"] == pytest.approx(config.lr_final * factor, rel=1e-5), name
+            assert group["lrd"] == 1.0
+
+
+def test_noncentred_sites_are_fitted_decentred_and_exported_under_their_own_name(tiny):
+    kwargs = {"marker_form": "kinship", "parametrization": "centred"}
+    config = SVIConfig(
+        batch_size=4, max_steps=5, noncentred_sites=("genetic_value_component",), **QUICK
+    )
+    fit = fit_svi(g2was, tiny, config, model_kwargs=kwargs)
+    assert "population.locs.genetic_value_component_decentered" in pyro.get_param_store()
+    posterior = fit.inference_data.posterior
+    assert "genetic_value_component" in posterior
+    assert not any(name.endswith("_decentered") for name in posterior)
+    with pytest.raises(ValueError, match="genetic_value_componnet"):
+        bad = dataclasses.replace(config, noncentred_sites=("genetic_value_componnet",))
+        fit_svi(g2was, tiny, bad, model_kwargs=kwargs)
 
 
 def _exploding(data, subsample_size=None):
