@@ -1,28 +1,46 @@
-"""SAEM and SVI on the simulated target design (the g2was model with markers, effects form:
-SAEM integrates the marker effects out by the kernel-form M-step, ``pyro_nlme.infer.saem.field``):
-do they agree on the population parameters within their uncertainty? Appends a section to
-``docs/saem_benchmark.md``.
+"""SAEM and SVI on the simulated target design (the g2was model with markers): do they agree on
+the population parameters within their uncertainty, and has each converged?
 
-    python benchmarks/saem_target_design.py [--varieties 30] [--markers 500] [--svi-steps 4000]
+SAEM fits the effects form (marker effects integrated out by the kernel-form M-step,
+``pyro_nlme.infer.saem.field``); SVI fits the kinship form, its exact marginal, with the
+project's recommended configuration (``docs/svi.md``: amortised guide anchored at conditional
+modes, centred parametrisation, plateau stopping rule). Both forms have the same population
+sites. Replaces its own section of ``docs/saem_benchmark.md`` (the rest of the file is kept) and
+draws SAEM's convergence history to ``docs/figures/saem_target_design_convergence.png``.
+
+    python benchmarks/saem_target_design.py --threads 1 [--varieties 40] [--markers 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pyro_nlme.data import load_data
-from pyro_nlme.infer.saem import SAEMConfig, fit_saem
+from pyro_nlme.infer.saem import SAEMConfig, plot_convergence
+from pyro_nlme.infer.saem.algorithm import run_saem
+from pyro_nlme.infer.saem.common import conditional_run, make_target
+from pyro_nlme.infer.saem.estep import e_step
+from pyro_nlme.infer.saem.joint import JointModel
+from pyro_nlme.infer.saem.likelihood import Proposal, importance_sampling
+from pyro_nlme.infer.saem.output import finish
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate.design import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import g2was
 
+HEADING = "## Simulated target design: SAEM and SVI"
+FIGURE = "docs/figures/saem_target_design_convergence.png"
+
 
 def svi_summary(result, labels_by_site: dict[str, list[str]]) -> pd.DataFrame:
+    """Posterior mean and SD of every reported scalar, from SVI's exported draws."""
     posterior = result.inference_data.posterior
     rows = {}
     for site, labels in labels_by_site.items():
@@ -33,43 +51,165 @@ def svi_summary(result, labels_by_site: dict[str, list[str]]) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def saem_drift(history: pd.DataFrame, burn_in: int) -> pd.DataFrame:
+    """Two flatness measures of SAEM's history (natural scale), per parameter:
+
+    - ``K1 trend``: mean of the last quarter of the first phase minus the mean of its third
+      quarter (with step size 1 the iterates fluctuate around a stationary level once the
+      chain has converged, so this is noise only);
+    - ``K2 change``: the final estimate minus the estimate halfway through the second phase.
+    """
+    first = history.iloc[:burn_in]
+    quarter = burn_in // 4
+    third, last = first.iloc[-2 * quarter : -quarter], first.iloc[-quarter:]
+    halfway = burn_in + (len(history) - burn_in) // 2
+    return pd.DataFrame(
+        {
+            "K1 trend": last.mean() - third.mean(),
+            "K1 sd": last.std(),
+            "K2 change": history.iloc[-1] - history.iloc[halfway],
+        }
+    )
+
+
+def fit_saem_keeping_joint(data, config: SAEMConfig):
+    """``fit_saem`` (same seeding, same result) that also returns the engine's joint model, whose
+    genetic values are left fixed at SAEM's ``E[g | y]``, and its final E-step state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        joint = JointModel(g2was, data, {"marker_form": "effects"}, jit=config.jit)
+        run = run_saem(joint, config)
+        result = finish(
+            joint,
+            run.theta,
+            run.state,
+            run.plan,
+            run.history,
+            engine="saem",
+            config=config,
+            seconds=run.seconds,
+            model_name="g2was",
+            genetic=run.genetic,
+        )
+    return result, joint, run
+
+
+def conditional_minus_two_ll(joint, state, theta, config: SAEMConfig, sweeps: int = 100):
+    """-2 log p(y | theta, g = SAEM's E[g | y]) by SAEM's importance sampling: E-step chains
+    moved to ``theta`` (``sweeps`` adapting, then ``config.conditional_iterations`` kept for the
+    proposal), then ``config.importance_samples`` draws per variety."""
+    rows = joint.rows(config.chains)
+    target = make_target(joint, theta, rows)
+    for _ in range(sweeps):
+        state, _ = e_step(state, target, config.kernel, adapt=True)
+    posterior = conditional_run(
+        joint, theta, state, rows, config.chains, config.kernel, config.conditional_iterations, 1
+    )
+    proposal = Proposal(joint, posterior.mean, posterior.covariance, seed=config.seed)
+    return importance_sampling(joint, theta, proposal, config.importance_samples)
+
+
+def with_values(joint, theta, values: dict[str, pd.Series], sites: set[str]):
+    """``theta`` with the population sites in ``sites`` set to ``values`` (by reported label,
+    natural scale)."""
+    population = joint.population_values(theta)
+    for site in sites:
+        current = population[site]
+        labels = [label for label in values.index if label.split("[")[0] == site]
+        population[site] = torch.as_tensor(values[labels].to_numpy(), dtype=current.dtype).reshape(
+            current.shape
+        )
+    return joint.theta_from_values(population)
+
+
+def splice(document: str, section: str) -> str:
+    """``document`` with the section under :data:`HEADING` (up to the next ``## `` heading)
+    replaced by ``section``, or ``section`` appended if there is none."""
+    lines = document.rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
+    if start is None:
+        return "\n".join(lines + ["", section.rstrip("\n"), ""])
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = [""] + lines[end:] if end < len(lines) else []
+    return "\n".join(lines[:start] + section.rstrip("\n").split("\n") + tail) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--varieties", type=int, default=30)
-    parser.add_argument("--markers", type=int, default=500)
-    parser.add_argument("--iterations", default="200,100", help="SAEM's K1,K2")
+    parser.add_argument("--varieties", type=int, default=40)
+    parser.add_argument("--markers", type=int, default=300)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--iterations", default="300,200", help="SAEM's K1,K2")
     parser.add_argument("--chains", type=int, default=4)
-    parser.add_argument("--kernel", default="mala")
-    parser.add_argument("--svi-steps", type=int, default=4000)
+    parser.add_argument("--kernel", default="dense_mala")
+    parser.add_argument("--svi-steps", type=int, default=20000, help="SVI's step budget")
+    parser.add_argument(
+        "--svi-long",
+        type=int,
+        default=0,
+        help="also fit SVI for this many steps without the stopping rule (convergence check)",
+    )
+    parser.add_argument("--svi-batch", type=int, default=None, help="None: full batch")
+    parser.add_argument("--svi-draws", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="both engines' seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", default="docs/saem_benchmark.md")
+    parser.add_argument("--figure", default=FIGURE)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     simulated = simulate_design(
-        DesignConfig(n_varieties=args.varieties, n_heldout=0, n_markers=args.markers), seed=0
+        DesignConfig(n_varieties=args.varieties, n_heldout=0, n_markers=args.markers),
+        seed=args.data_seed,
     )
     data = load_data(simulated.phenotypes, markers=simulated.genotype_table())
-    iterations = tuple(int(k) for k in args.iterations.split(","))
-    kwargs = {"marker_form": "effects"}
+    burn_in, decreasing = (int(k) for k in args.iterations.split(","))
+    load_start = os.getloadavg()[0]
 
     start = time.perf_counter()
-    saem = fit_saem(
-        g2was,
-        data,
-        SAEMConfig(iterations=iterations, chains=args.chains, kernel=args.kernel, progress=False),
-        model_name="g2was",
-        model_kwargs=kwargs,
+    saem_config = SAEMConfig(
+        iterations=(burn_in, decreasing),
+        chains=args.chains,
+        kernel=args.kernel,
+        seed=args.seed,
+        progress=False,
+        jit=True,
     )
+    saem, joint, run = fit_saem_keeping_joint(data, saem_config)
     saem_seconds = time.perf_counter() - start
     table = saem.population_summary.set_index("parameter")
+    print(saem.report(), flush=True)
 
+    svi_config = SVIConfig(
+        batch_size=args.svi_batch,
+        max_steps=args.svi_steps,
+        num_draws=args.svi_draws,
+        seed=args.seed,
+        progress=False,
+    )
     start = time.perf_counter()
     svi = fit_svi(
         g2was,
         data,
-        SVIConfig(guide="normal", batch_size=None, max_steps=args.svi_steps, progress=False),
+        svi_config,
         model_name="g2was",
-        model_kwargs=kwargs,
+        model_kwargs={"marker_form": "kinship", "parametrization": "centred"},
     )
     svi_seconds = time.perf_counter() - start
+    steps = len(svi.history)
+    stopped_by = "the plateau rule" if steps < args.svi_steps else "the step budget"
+    svi_long = None
+    if args.svi_long:
+        start = time.perf_counter()
+        svi_long = fit_svi(
+            g2was,
+            data,
+            dataclasses.replace(svi_config, max_steps=args.svi_long, stopping=None),
+            model_name="g2was",
+            model_kwargs={"marker_form": "kinship", "parametrization": "centred"},
+        )
+        svi_long_seconds = time.perf_counter() - start
+    load_end = os.getloadavg()[0]
 
     labels_by_site: dict[str, list[str]] = {}
     for label in table.index:
@@ -81,35 +221,105 @@ def main() -> None:
     frame = table[["estimate", "se"]].rename(columns={"estimate": "saem", "se": "saem SE"})
     frame.insert(0, "truth", pd.Series(truth))
     frame = frame.join(svi_summary(svi, labels_by_site))
-    frame["diff / sqrt(SE^2 + sd^2)"] = (frame["saem"] - frame["svi mean"]) / np.sqrt(
-        frame["saem SE"].fillna(0.0) ** 2 + frame["svi sd"] ** 2
-    )
+    combined = np.sqrt(frame["saem SE"].fillna(0.0) ** 2 + frame["svi sd"] ** 2)
+    frame["(saem - svi) / combined"] = (frame["saem"] - frame["svi mean"]) / combined
+    if svi_long is not None:
+        long = svi_summary(svi_long, labels_by_site)
+        frame["svi long mean"], frame["svi long sd"] = long["svi mean"], long["svi sd"]
+        frame["(saem - svi long) / combined"] = (frame["saem"] - frame["svi long mean"]) / np.sqrt(
+            frame["saem SE"].fillna(0.0) ** 2 + frame["svi long sd"] ** 2
+        )
+    drift = saem_drift(saem.history, burn_in)
+    frame["saem K1 trend / combined"] = drift["K1 trend"] / combined
+    frame["saem K2 change / combined"] = drift["K2 change"] / combined
     frame.index.name = "parameter"
+    # Which engine's point explains the data better: -2LL conditional on SAEM's E[g | y] at
+    # SAEM's estimate and with some or all of SVI's posterior means in its place.
+    svi_means = frame["svi mean"]
+    groups = {
+        "SAEM's estimate": set(),
+        "SVI's posterior means (all)": set(labels_by_site),
+        "SAEM's, with SVI's noise and plant SDs": {"noise_sd", "plant_sd"},
+        "SAEM's, with SVI's scenario means": {"scenario_mean"},
+    }
+    likelihoods = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        for name, sites in groups.items():
+            theta = with_values(joint, run.theta, svi_means, sites)
+            likelihoods[name] = conditional_minus_two_ll(joint, run.state, theta, saem_config)
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    plot_convergence(saem.history, args.figure, burn_in=burn_in)
+
+    agree = frame["(saem - svi) / combined"].abs()
+    attrs = saem.population_summary.attrs
+    command = (
+        f"python benchmarks/saem_target_design.py --varieties {args.varieties} --markers "
+        f"{args.markers} --iterations {args.iterations} --chains {args.chains} --kernel "
+        f"{args.kernel} --svi-steps {args.svi_steps}"
+        + (f" --svi-long {args.svi_long}" if args.svi_long else "")
+        + (f" --svi-batch {args.svi_batch}" if args.svi_batch else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+    )
     lines = [
+        HEADING + " (g2was with markers)",
         "",
-        "## Simulated target design: SAEM and SVI (g2was with markers, effects form)",
+        f"`{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: {args.varieties} varieties "
+        f"x 3 scenarios x 2 plants x 21 days, {args.markers} markers (simulator seed "
+        f"{args.data_seed}). Machine: {os.cpu_count()} CPU cores, torch threads "
+        f"{torch.get_num_threads()}, load average (1 min) {load_start:.1f} at the start and "
+        f"{load_end:.1f} at the end (shared with other jobs: wall times are indicative).",
         "",
-        f"`python benchmarks/saem_target_design.py --varieties {args.varieties} --markers "
-        f"{args.markers} --iterations {args.iterations} "
-        f"--chains {args.chains} --kernel {args.kernel} --svi-steps {args.svi_steps}`: "
-        f"{args.varieties} varieties x 3 scenarios x 2 plants x 21 days, {args.markers} "
-        f"markers (simulator seed 0). SAEM: iterations {iterations}, {args.chains} chains, "
-        f"{args.kernel} kernel, JIT, marker effects integrated out in the kernel form, "
-        f"{saem_seconds:.0f} s; SVI: mean-field normal guide, full batch, {args.svi_steps} "
-        f"steps, {svi_seconds:.0f} s (2 cores shared with other jobs). SAEM's SEs are "
-        "conditional on the genetic values at E[g | y] (none for the genetic SDs). Last "
-        "column: the difference in units of the combined uncertainty (SAEM's SE and SVI's "
-        "posterior SD; SVI's SD alone where SAEM has no SE).",
+        f"- SAEM: effects form, marker effects integrated out (kernel form), iterations "
+        f"({burn_in}, {decreasing}), {args.chains} chains, {args.kernel} kernel, JIT, seed "
+        f"{args.seed}: {saem_seconds:.0f} s. -2LL {attrs['-2LL']:.2f} (Monte-Carlo SE "
+        f"{attrs['-2LL_mcse']:.2f}), conditional on the genetic values at E[g | y].",
+        f"- SVI: kinship form, centred, amortised guide anchored at conditional modes, "
+        f"{'full batch' if args.svi_batch is None else f'batch {args.svi_batch}'}, "
+        f"{steps} steps (stopped by {stopped_by}; budget {args.svi_steps}), "
+        f"{args.svi_draws} draws: {svi_seconds:.0f} s.",
+        *(
+            [
+                f"- SVI, longer run: the same for {args.svi_long} steps without the stopping "
+                f"rule (learning rate decaying over them): {svi_long_seconds:.0f} s."
+            ]
+            if svi_long is not None
+            else []
+        ),
+        f"- Largest |SAEM - SVI| / combined uncertainty: {agree.max():.2f} "
+        f"({agree.idxmax()}); {int((agree > 2).sum())} of {len(agree)} parameters above 2.",
+        "",
+        "combined = sqrt(SAEM SE^2 + SVI posterior SD^2) (SVI's SD alone where SAEM has no SE). "
+        "SAEM K1 trend: mean of the last quarter of the first phase minus mean of its third "
+        "quarter; K2 change: final estimate minus the estimate halfway through the second phase "
+        f"(history: `{args.figure}`).",
         "",
         "| parameter | " + " | ".join(frame.columns) + " |",
         "|---|" + "---|" * len(frame.columns),
     ]
     for name, row in frame.iterrows():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
-    text = "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "-2LL conditional on SAEM's E[g | y] (SAEM's importance sampling, "
+        f"{saem_config.importance_samples} draws per variety, proposal from "
+        f"{saem_config.conditional_iterations} E-step sweeps at each point):",
+        "",
+        "| population values | -2LL | Monte-Carlo SE | minus SAEM's |",
+        "|---|---|---|---|",
+    ]
+    reference = likelihoods["SAEM's estimate"].minus_two
+    for name, value in likelihoods.items():
+        lines.append(
+            f"| {name} | {value.minus_two:.2f} | {2 * value.mcse:.2f} | "
+            f"{value.minus_two - reference:.2f} |"
+        )
+    section = "\n".join(lines) + "\n"
     path = Path(args.out)
-    path.write_text((path.read_text() if path.exists() else "") + text)
-    print(text)
+    path.write_text(splice(path.read_text() if path.exists() else "", section))
+    print(section)
+    for message in saem.warnings + svi.warnings + (svi_long.warnings if svi_long else []):
+        print("warning:", message)
 
 
 if __name__ == "__main__":
