@@ -145,10 +145,12 @@ def command_fit(args: argparse.Namespace) -> int:
 
         if args.method == "saem":
             burn_in, decreasing = (int(k) for k in args.iterations.split(","))
-            config = SAEMConfig(iterations=(burn_in, decreasing), chains=args.chains, **common)
+            config = SAEMConfig(
+                iterations=(burn_in, decreasing), chains=args.chains, kernel=args.kernel, **common
+            )
             fit = fit_saem
         else:
-            config = MCEMConfig(**common)
+            config = MCEMConfig(kernel=args.kernel, **common)
             fit = fit_mcem
         result = fit(model, data, config, model_name=model_name, model_kwargs=model_kwargs)
     out = Path(args.out)
@@ -277,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     mcmc.add_argument("--warmup", type=int, default=500)
     mcmc.add_argument("--samples", type=int, default=500)
     mcmc.add_argument("--iterations", default="300,200", help="SAEM: K1,K2 iterations")
+    mcmc.add_argument(
+        "--kernel",
+        choices=("rwm", "mala", "hmc", "dense_mala"),
+        default="rwm",
+        help="SAEM / MCEM E-step kernel (dense_mala for nested random effects, e.g. g2was)",
+    )
     fit.set_defaults(run=command_fit)
 
     predict = commands.add_parser("predict", help="predict curves of new varieties from markers")
