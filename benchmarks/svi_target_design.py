@@ -73,6 +73,8 @@ def one_fit(args) -> dict:
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         lr=args.lr,
+        lr_decay_steps=args.lr_decay_steps,
+        noncentred_sites=tuple(args.noncentred_sites),
         seed=args.seed,
         progress=False,
         num_draws=args.draws,
@@ -217,9 +219,19 @@ def main() -> None:
         help="also fit seed 0 with this many steps; report each run's largest shift from it",
     )
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        default=None,
+        help="SVIConfig.lr_decay_steps of the runs (default: their budget); the reference run "
+        "decays over its whole budget",
+    )
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--marker-form", choices=["effects", "kinship"], default="kinship")
     parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="centred")
+    parser.add_argument(
+        "--noncentred-sites", nargs="*", default=["genetic_value_component"], metavar="SITE"
+    )
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -247,16 +259,19 @@ def main() -> None:
         args.marker_form,
         "--parametrization",
         args.parametrization,
+        "--noncentred-sites",
+        *args.noncentred_sites,
     ]
-    runs = [("amortized", seed, args.max_steps) for seed in range(args.runs)] + [
-        ("normal", 0, args.max_steps)
+    decay = args.lr_decay_steps or args.max_steps
+    runs = [("amortized", seed, args.max_steps, decay) for seed in range(args.runs)] + [
+        ("normal", 0, args.max_steps, decay)
     ]
     if args.reference_steps:
-        runs.append(("amortized", 0, args.reference_steps))
+        runs.append(("amortized", 0, args.reference_steps, args.reference_steps))
     rows = []
-    for guide, seed, steps in runs:
+    for guide, seed, steps, decay_steps in runs:
         command = [sys.executable, __file__, "--single", "--guide", guide, "--seed", str(seed)]
-        options = [*common, "--max-steps", str(steps)]
+        options = [*common, "--max-steps", str(steps), "--lr-decay-steps", str(decay_steps)]
         output = subprocess.run(command + options, check=True, capture_output=True, text=True)
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
         print({k: v for k, v in rows[-1].items() if k != "population"}, flush=True)
@@ -280,8 +295,15 @@ def main() -> None:
         "",
         f"Design: {args.varieties} varieties x 3 scenarios x 2 plants x 21 days, "
         f"{args.markers} markers, {args.heldout} held-out varieties (markers only); "
-        f"{args.marker_form} form, {args.parametrization}; batch {args.batch_size}, "
-        f"lr {args.lr}, at most {args.max_steps} steps.",
+        f"{args.marker_form} form, {args.parametrization}, non-centred: "
+        f"{', '.join(args.noncentred_sites) or 'none'}; batch {args.batch_size}, "
+        f"lr {args.lr} decaying to {SVIConfig().lr_final} over {decay} steps, "
+        f"at most {args.max_steps} steps"
+        + (
+            f" (reference: {args.reference_steps}, decaying over all)."
+            if args.reference_steps
+            else "."
+        ),
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"threads; versions: {json.dumps(package_versions())}",
         "",
