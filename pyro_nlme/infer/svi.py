@@ -82,7 +82,10 @@ class SVIConfig:
         980 (docs/svi.md).
     :param clip_norm: gradient norm clipping of ClippedAdam.
     :param num_particles: ELBO particles per step.
-    :param stopping: the plateau rule (None: run ``max_steps``).
+    :param stopping: the plateau rule, checked once the learning rate is held (None: run
+        ``max_steps``). A loss that stops falling while the rate still decays is the
+        optimiser's noise floor at that rate: with a decay over 15,000 steps the rule fired
+        at 2,500 on the target design, the noise SD at 0.154 (truth 0.08).
     :param num_draws: posterior draws exported from the fitted guide.
     :param checkpoint_every: steps between checkpoints (0: none).
     :param checkpoint_path: checkpoint file (needed for checkpoints and ``resume``).
@@ -403,7 +406,11 @@ def _train(
         if checkpoint is not None and config.checkpoint_every:
             if training.step % config.checkpoint_every == 0:
                 save(checkpoint)
-        if config.stopping is not None and config.stopping.converged(training.losses):
+        if (
+            config.stopping is not None
+            and training.step >= _decay_steps(config)
+            and config.stopping.converged(training.losses)
+        ):
             break
     progress.close()
 

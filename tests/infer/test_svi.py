@@ -169,6 +169,24 @@ def test_learning_rate_decays_over_lr_decay_steps_then_holds(tiny, tmp_path):
             assert group["lrd"] == 1.0
 
 
+def test_plateau_rule_is_checked_only_once_the_learning_rate_is_held(tiny):
+    """A rule that always says "converged" ends the run exactly at ``lr_decay_steps``."""
+
+    class Always(PlateauRule):
+        def converged(self, losses) -> bool:
+            return True
+
+    config = SVIConfig(
+        batch_size=4,
+        max_steps=40,
+        lr_decay_steps=12,
+        progress=False,
+        num_draws=8,
+        stopping=Always(),
+    )
+    assert len(fit_svi(g2was, tiny, config).history) == 12
+
+
 def test_noncentred_sites_are_fitted_decentred_and_exported_under_their_own_name(tiny):
     kwargs = {"marker_form": "kinship", "parametrization": "centred"}
     config = SVIConfig(
