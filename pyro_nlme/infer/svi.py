@@ -76,10 +76,10 @@ class SVIConfig:
     :param marker_lr_factor: further factor for the encoder's marker layer. That layer acts on
         the varieties' marker principal-component scores
         (:func:`~pyro_nlme.infer.guides.amortized.marker_features`), a per-variety code the
-        encoder uses for the corrections its trajectory branch misses: at the default (the
-        base rate ``lr``) the full target design's loss after 2,500 steps matched that of the
-        former 60,000-wide layer on the dosages; at ``1.0`` it was 480 nats higher, at ``0.1``
-        980 (docs/svi.md).
+        encoder uses for the corrections its trajectory branch misses. On the full target
+        design, after 2,500 steps, the loss was 200 nats above that of the former 60,000-wide
+        layer on the dosages at the default (the base rate ``lr``), 480 at ``1.0`` and 980 at
+        ``0.1`` (one run each, docs/svi.md).
     :param clip_norm: gradient norm clipping of ClippedAdam.
     :param num_particles: ELBO particles per step.
     :param stopping: the plateau rule, checked once the learning rate is held (None: run
@@ -97,9 +97,9 @@ class SVIConfig:
     :param noncentred_sites: latent sites with a location-scale prior fitted non-centred
         (besides per-marker effects, always): a weakly informed level in a model whose other
         levels are better centred, ``("genetic_value_component",)`` for ``g2was`` in the
-        centred kinship form. Centred, the genetic SD of the inflection drifted from 0.64 to
-        0.74 over steps 2,000 to 3,500 of a fit of the target design whose ELBO had
-        plateaued; non-centred it stayed at 0.88-0.92 from step 1,250 (docs/svi.md).
+        centred kinship form. Centred, the genetic SD of the inflection crept from 0.70 to
+        0.74 over steps 2,750 to 3,500 of a fit of the target design whose loss no longer
+        fell; non-centred it stayed at 0.88-0.92 from step 1,250 (docs/svi.md).
     :param encoder_hidden: width of the amortised encoder.
     :param encoder_markers: feed the variety's markers to the amortised encoder (besides its
         trajectories).
@@ -388,8 +388,8 @@ def _train(
         with poutine.trace(param_only=True) as capture:
             loss = elbo.loss_and_grads(model, guide, data, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        # A sum is non-finite if any term is (and 30x cheaper than isfinite().all() on the
-        # 60,000-wide marker layer); it could overflow only at gradients near 1e38 / size.
+        # A sum is non-finite if any term is (and 30x cheaper than isfinite().all() on a
+        # 60,000 x 32 tensor); it could overflow only at gradients near 1e38 / size.
         sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
         if not (math.isfinite(loss) and sums.isfinite().all()):
             _stop_on_nonfinite(model, guide, data, kwargs, loss, training.step, checkpoint, save)
