@@ -25,12 +25,10 @@ import torch
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.saem import SAEMConfig, plot_convergence
-from pyro_nlme.infer.saem.algorithm import run_saem
+from pyro_nlme.infer.saem.algorithm import fit_saem_with_run
 from pyro_nlme.infer.saem.common import conditional_run, make_target
 from pyro_nlme.infer.saem.estep import e_step
-from pyro_nlme.infer.saem.joint import JointModel
 from pyro_nlme.infer.saem.likelihood import Proposal, importance_sampling
-from pyro_nlme.infer.saem.output import finish
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate.design import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import g2was
@@ -70,28 +68,6 @@ def saem_drift(history: pd.DataFrame, burn_in: int) -> pd.DataFrame:
             "K2 change": history.iloc[-1] - history.iloc[halfway],
         }
     )
-
-
-def fit_saem_keeping_joint(data, config: SAEMConfig):
-    """``fit_saem`` (same seeding, same result) that also returns the engine's joint model, whose
-    genetic values are left fixed at SAEM's ``E[g | y]``, and its final E-step state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        joint = JointModel(g2was, data, {"marker_form": "effects"}, jit=config.jit)
-        run = run_saem(joint, config)
-        result = finish(
-            joint,
-            run.theta,
-            run.state,
-            run.plan,
-            run.history,
-            engine="saem",
-            config=config,
-            seconds=run.seconds,
-            model_name="g2was",
-            genetic=run.genetic,
-        )
-    return result, joint, run
 
 
 def conditional_minus_two_ll(joint, state, theta, config: SAEMConfig, sweeps: int = 100):
@@ -175,7 +151,9 @@ def main() -> None:
         progress=False,
         jit=True,
     )
-    saem, joint, run = fit_saem_keeping_joint(data, saem_config)
+    saem, joint, run = fit_saem_with_run(
+        g2was, data, saem_config, model_name="g2was", model_kwargs={"marker_form": "effects"}
+    )
     saem_seconds = time.perf_counter() - start
     table = saem.population_summary.set_index("parameter")
     print(saem.report(), flush=True)

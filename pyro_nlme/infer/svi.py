@@ -396,7 +396,7 @@ def _train(
         optim(params)
         zero_grads(params)
         training.step += 1
-        if training.step >= _decay_steps(config):
+        if training.step == _decay_steps(config):  # a later checkpoint stores the held rate
             _hold_learning_rate(optim)
         training.losses.append(float(loss))
         training.seconds.append(time.perf_counter() - started)

@@ -271,6 +271,22 @@ def fit_saem(
     :returns: a :class:`~pyro_nlme.infer.result.FitResult` whose InferenceData holds the
         conditional samples in ``posterior`` and the estimates in ``point_estimate``.
     """
+    return fit_saem_with_run(model, data, config, model_name=model_name, model_kwargs=model_kwargs)[
+        0
+    ]
+
+
+def fit_saem_with_run(
+    model: Callable,
+    data: NLMEData,
+    config: SAEMConfig = SAEMConfig(),
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+) -> tuple[FitResult, JointModel, SAEMRun]:
+    """:func:`fit_saem` (same seeding, same result), also returning the joint model (genetic
+    values fixed at SAEM's ``E[g | y]``) and the run (final E-step state, estimates, history),
+    for diagnostics at the estimate such as a conditional -2 log-likelihood."""
     from pyro_nlme.infer.saem.output import finish
 
     check_device(config.device)
@@ -278,7 +294,7 @@ def fit_saem(
         torch.manual_seed(config.seed)
         joint = JointModel(model, data, model_kwargs, jit=config.jit)
         run = run_saem(joint, config)
-        return finish(
+        result = finish(
             joint,
             run.theta,
             run.state,
@@ -290,6 +306,7 @@ def fit_saem(
             model_name=model_name,
             genetic=run.genetic,
         )
+    return result, joint, run
 
 
 def log_likelihood_at(
