@@ -1,21 +1,35 @@
 """NUTS on the simulated target design, ``g2was`` in kinship form: wall time, ESS per second,
-and (once an SVI fit of the same data is given) the agreement with SVI.
+and the agreement with an SVI fit of the same data.
 
-The full design is 250 varieties x 3 scenarios x 2 plants x 21 days with 60,000 markers; on a
-shared 2-core machine Pyro's NUTS cannot sample it in minutes, so the size is a flag. Writes a
-row to ``docs/benchmarks/nuts_target_design.csv`` and the fit to ``--save`` (netCDF) if given.
-``--gradient-cost`` only measures what one gradient of the density NUTS samples costs (JIT
-compiled, as the sampler runs it), for estimating a run before starting it: a row in
+The full design is 250 varieties x 3 scenarios x 2 plants x 21 days with 60,000 markers (7,519
+latent scalars in kinship form). The defaults are the configuration measured on small designs
+(docs/nuts.md, ``benchmarks/nuts_coverage.py``): the centred parametrisation sampled as written
+(``--no-reparam``) except the kinship genetic values' eigen-components, sampled non-centred
+(``--noncentred-sites genetic_value_component``), the Laplace start refined by 1,000 SVI steps,
+one torch thread. The mass matrix is diagonal: ``fit_nuts`` adapts a dense one only up to
+:data:`~pyro_nlme.infer.nuts.DENSE_MASS_MAX_DIM` latent scalars, and at 7,519 a dense metric
+costs 57 million multiply-adds per leapfrog step and a dense Hessian for the Laplace start.
+
+Chain ``c`` is ``fit_nuts`` with one chain and seed ``seed + c`` (its own Laplace start and
+warm-up); each chain is written to ``<--save>.chain<c>.nc`` as soon as it ends, and
+``--resume`` reuses the chains already written, so an interrupted run keeps its finished chains.
+
+Writes a row to ``docs/benchmarks/nuts_target_design.csv``; with ``--svi`` (netCDF of an SVI
+fit of the same data, e.g. from ``--fit-svi``) also ``docs/benchmarks/nuts_target_design.md``:
+per population scalar, the difference of the SVI and NUTS posterior means in NUTS posterior SDs
+and the ratio of posterior SDs, beside the sampler's diagnostics. ESS per second divides by the
+whole fits' wall time (Laplace start, warm-up, draws and export of every chain).
+``--fit-svi PATH`` fits SVI on the same simulated data with the README's recommended settings
+and writes it to PATH. ``--gradient-cost`` only measures what one gradient of the density NUTS
+samples costs (JIT compiled, as the sampler runs it): a row in
 ``docs/benchmarks/nuts_gradient_cost.csv``.
 
 Usage::
 
-    python benchmarks/nuts_target_design.py --gradient-cost
-    python benchmarks/nuts_target_design.py --varieties 20 --markers 60000 --warmup 150 \\
-        --samples 150 --chains 2 [--svi svi_fit.nc]
-
-:func:`compare_with_svi` takes the two InferenceData and gives, per variable, the difference of
-posterior means in NUTS posterior SDs and the ratio of posterior SDs (SVI / NUTS).
+    OMP_NUM_THREADS=1 python benchmarks/nuts_target_design.py --gradient-cost
+    OMP_NUM_THREADS=1 python benchmarks/nuts_target_design.py --fit-svi /tmp/svi.nc
+    OMP_NUM_THREADS=1 python benchmarks/nuts_target_design.py --chains 2 --warmup 150 \\
+        --samples 150 --save /tmp/nuts --resume --svi /tmp/svi.nc
 """
 
 from __future__ import annotations
@@ -28,14 +42,21 @@ from pathlib import Path
 import arviz as az
 import numpy as np
 import pandas as pd
+import torch
 
-from pyro_nlme.data import load_data
-from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts
+from pyro_nlme.data import NLMEData, load_data
+from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts, non_centred, reparametrised
 from pyro_nlme.simulate import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import PARAMETRIZATIONS, g2was
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 POPULATION = ("scenario_mean", "genetic_sd", "variety_scenario_sd", "plant_sd", "noise_sd")
+SVI_SETTINGS = {
+    "guide": "amortized",
+    "lr": 0.02,
+    "lr_decay_steps": 2500,
+    "max_steps": 7500,
+}
 
 
 def compare_with_svi(
@@ -57,11 +78,8 @@ def compare_with_svi(
     names = var_names or [n for n in nuts.posterior.data_vars if n in svi.posterior.data_vars]
     rows = []
     for name in names:
-        reference, other = nuts.posterior[name], svi.posterior[name]
-        mean_nuts = reference.mean(("chain", "draw"))
-        sd_nuts = reference.std(("chain", "draw"))
-        z = ((other.mean(("chain", "draw")) - mean_nuts) / sd_nuts).values.ravel()
-        ratio = (other.std(("chain", "draw")) / sd_nuts).values.ravel()
+        z, ratio = _z_and_ratio(nuts, svi, name)
+        z, ratio = z.values.ravel(), ratio.values.ravel()
         rows.append(
             {
                 "variable": name,
@@ -76,19 +94,55 @@ def compare_with_svi(
     return pd.DataFrame(rows)
 
 
-def gradient_cost(model, data, repeats: int = 30, **model_kwargs) -> dict[str, float]:
-    """Seconds per gradient of the potential energy NUTS integrates (non-centred model, JIT
-    compiled as in :class:`~pyro_nlme.infer.nuts.RecordingNUTS`), median of ``repeats``
-    evaluations after three warm-up calls, and the number of latent scalars."""
-    import torch
+def compare_scalars(
+    nuts: az.InferenceData, svi: az.InferenceData, var_names: Sequence[str]
+) -> pd.DataFrame:
+    """:func:`compare_with_svi` for every scalar of ``var_names``: one row per scalar with its
+    coordinates (``variable[coord,...]``), both posterior means and SDs, ``z`` and ``sd_ratio``."""
+    rows = []
+    for name in var_names:
+        z, ratio = _z_and_ratio(nuts, svi, name)
+        mean_nuts, sd_nuts = _moments(nuts.posterior[name])
+        mean_svi, sd_svi = _moments(svi.posterior[name])
+        for index in np.ndindex(z.shape):
+            coords = ", ".join(str(z[dim].values[i]) for dim, i in zip(z.dims, index, strict=True))
+            rows.append(
+                {
+                    "scalar": f"{name}[{coords}]" if coords else name,
+                    "mean_nuts": float(mean_nuts.values[index]),
+                    "sd_nuts": float(sd_nuts.values[index]),
+                    "mean_svi": float(mean_svi.values[index]),
+                    "sd_svi": float(sd_svi.values[index]),
+                    "z": float(z.values[index]),
+                    "sd_ratio": float(ratio.values[index]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _moments(draws):
+    return draws.mean(("chain", "draw")), draws.std(("chain", "draw"))
+
+
+def _z_and_ratio(nuts: az.InferenceData, svi: az.InferenceData, name: str):
+    mean_nuts, sd_nuts = _moments(nuts.posterior[name])
+    mean_svi, sd_svi = _moments(svi.posterior[name])
+    return (mean_svi - mean_nuts) / sd_nuts, sd_svi / sd_nuts
+
+
+def gradient_cost(
+    model, data: NLMEData, sites: Sequence[str], repeats: int = 30, **model_kwargs
+) -> dict[str, float]:
+    """Seconds per gradient of the potential energy NUTS integrates (``model`` with ``sites``
+    sampled non-centred, JIT compiled as in :class:`~pyro_nlme.infer.nuts.RecordingNUTS`),
+    median of ``repeats`` evaluations after three warm-up calls, and the number of latent
+    scalars."""
     from pyro.infer.mcmc.util import initialize_model
 
-    from pyro_nlme.infer.nuts import non_centred
     from pyro_nlme.infer.nuts_init import init_to_prior_median
 
-    sampled, _ = non_centred(model, data, **model_kwargs)
     params, potential_fn, _, _ = initialize_model(
-        sampled,
+        reparametrised(model, list(sites)),
         model_args=(data,),
         model_kwargs=model_kwargs,
         init_strategy=init_to_prior_median,
@@ -108,6 +162,53 @@ def gradient_cost(model, data, repeats: int = 30, **model_kwargs) -> dict[str, f
     }
 
 
+def fit_chains(
+    data: NLMEData, config: NUTSConfig, model_kwargs: dict, save: Path | None, resume: bool
+) -> tuple[az.InferenceData, pd.DataFrame]:
+    """``config.chains`` chains, chain ``c`` a one-chain :func:`fit_nuts` seeded
+    ``config.seed + c``, written to ``<save>.chain<c>.nc`` when it ends (and read back from
+    there with ``resume``); the chains joined along ``chain`` and one history row per chain
+    (``wall_s``: the sampler's run, warm-up and draws; ``fit_wall_s``: the whole ``fit_nuts``
+    call, Laplace start and export included; a resumed chain's are those it was run with)."""
+    fits, history = [], []
+    for chain in range(config.chains):
+        path = None if save is None else save.with_name(f"{save.name}.chain{chain}.nc")
+        if resume and path is not None and path.exists():
+            idata = az.from_netcdf(str(path))
+            timing = pd.read_csv(path.with_suffix(".csv"))
+        else:
+            one = NUTSConfig(**{**vars(config), "chains": 1, "seed": config.seed + chain})
+            start = time.perf_counter()
+            fit = fit_nuts(g2was, data, one, model_kwargs=model_kwargs)
+            idata = fit.inference_data
+            timing = fit.history.assign(chain=chain, fit_wall_s=time.perf_counter() - start)
+            print(timing.to_string(index=False), flush=True)
+            if path is not None:
+                idata.to_netcdf(str(path))
+                timing.to_csv(path.with_suffix(".csv"), index=False)
+        fits.append(idata.assign_coords(chain=[chain], groups=["posterior", "sample_stats"]))
+        history.append(timing)
+    joined = fits[0] if len(fits) == 1 else az.concat(*fits, dim="chain")
+    return joined, pd.concat(history, ignore_index=True)
+
+
+def fit_svi_reference(data: NLMEData, model_kwargs: dict, seed: int) -> az.InferenceData:
+    """SVI with the README's recommended settings (:data:`SVI_SETTINGS`, the kinship genetic
+    values' eigen-components non-centred, minibatches of 64 varieties) on ``data``."""
+    from pyro_nlme.infer.svi import SVIConfig, fit_svi
+
+    config = SVIConfig(
+        **SVI_SETTINGS,
+        noncentred_sites=("genetic_value_component",),
+        seed=seed,
+        progress=False,
+    )
+    start = time.perf_counter()
+    result = fit_svi(g2was, data, config, model_kwargs=model_kwargs)
+    print(f"SVI: {time.perf_counter() - start:.0f} s, {len(result.history)} history rows")
+    return result.inference_data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--varieties", type=int, default=250)
@@ -118,22 +219,48 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--max-tree-depth", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="noncentred")
+    parser.add_argument("--refine-steps", type=int, default=1000, help="init_refine_steps")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed; chain c: seed + c")
+    parser.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="centred")
     parser.add_argument(
         "--reparam",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="NUTSConfig.reparam: sample the individual latents non-centred",
     )
-    parser.add_argument("--save", type=Path, default=None, help="netCDF of the NUTS fit")
+    parser.add_argument(
+        "--noncentred-sites",
+        nargs="*",
+        default=["genetic_value_component"],
+        help="NUTSConfig.noncentred_sites, e.g. genetic_value_component",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)"
+    )
+    parser.add_argument(
+        "--save", type=Path, default=None, help="prefix of the per-chain netCDF files"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the chains already written to --save"
+    )
+    parser.add_argument("--progress", action="store_true", help="Pyro's progress bar")
     parser.add_argument("--svi", type=Path, default=None, help="netCDF of an SVI fit")
+    parser.add_argument(
+        "--fit-svi", type=Path, default=None, help="only fit SVI and write it to this netCDF"
+    )
     parser.add_argument(
         "--gradient-cost", action="store_true", help="only time a gradient of the density"
     )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
+    design = {
+        "varieties": args.varieties,
+        "markers": args.markers,
+        "plants": args.plants,
+        "days": args.days,
+    }
     sim = simulate_design(
         DesignConfig(
             n_varieties=args.varieties,
@@ -145,18 +272,27 @@ def main() -> None:
     )
     data = load_data(sim.phenotypes, markers=sim.genotype_table())
     prepare_s = time.perf_counter() - start
+    model_kwargs = {"marker_form": "kinship", "parametrization": args.parametrization}
+    if args.fit_svi:
+        fit_svi_reference(data, model_kwargs, args.seed).to_netcdf(str(args.fit_svi))
+        return
     if args.gradient_cost:
         start = time.perf_counter()
-        cost = gradient_cost(g2was, data, marker_form="kinship")
+        sites = [
+            name
+            for name in non_centred(g2was, data, tuple(args.noncentred_sites), **model_kwargs)[1]
+            if args.reparam or name in args.noncentred_sites
+        ]
+        cost = gradient_cost(g2was, data, sites, **model_kwargs)
         row = {
-            "varieties": args.varieties,
-            "markers": args.markers,
-            "plants": args.plants,
-            "days": args.days,
+            **design,
             "observations": int(data.mask.sum()),
             **cost,
             "setup_and_timing_s": time.perf_counter() - start,
             "simulate_and_load_s": prepare_s,
+            "parametrization": args.parametrization,
+            "noncentred": " ".join(sites),
+            "threads": args.threads,
         }
         _append(OUT / "nuts_gradient_cost.csv", row)
         print(pd.Series(row).to_string())
@@ -166,71 +302,117 @@ def main() -> None:
         warmup=args.warmup,
         samples=args.samples,
         max_tree_depth=args.max_tree_depth,
+        init_refine_steps=args.refine_steps,
         reparam=args.reparam,
+        noncentred_sites=tuple(args.noncentred_sites),
         seed=args.seed,
-        progress=False,
+        progress=args.progress,
     )
-    start = time.perf_counter()
-    model_kwargs = {"marker_form": "kinship", "parametrization": args.parametrization}
-    fit = fit_nuts(g2was, data, config, model_kwargs=model_kwargs)
-    wall = time.perf_counter() - start
-    idata = fit.inference_data
-    if args.save:
-        idata.to_netcdf(str(args.save))
+    idata, history = fit_chains(data, config, model_kwargs, args.save, args.resume)
+    wall = float(history["fit_wall_s"].sum())
     population = [n for n in POPULATION if n in idata.posterior]
-    ess_population = az.ess(idata, var_names=population)
+    table = az.summary(idata, var_names=population, kind="diagnostics", round_to="none")
     ess_genetic = az.ess(idata, var_names=["genetic_value"])["genetic_value"].values
-    population_ess = np.concatenate([ess_population[n].values.ravel() for n in population])
-    sampling_s = float(fit.history["wall_s"].sum())
     stats = idata.sample_stats
+    leapfrog = int(
+        history["warmup_leapfrog_steps"].sum() + history["sampling_leapfrog_steps"].sum()
+    )
     row = {
-        "varieties": args.varieties,
-        "markers": args.markers,
-        "plants": args.plants,
-        "days": args.days,
+        **design,
         "observations": int(data.mask.sum()),
-        "latent_dims": int(
-            sum(
-                np.prod(idata.posterior[n].shape[2:])
-                for n in fit.inference_data.posterior
-                if n not in ("curve", "genetic_value")
-            )
-        ),
         "parametrization": args.parametrization,
         "reparam": args.reparam,
+        "noncentred_sites": " ".join(args.noncentred_sites),
+        "refine_steps": args.refine_steps,
+        "threads": args.threads,
         "chains": args.chains,
         "warmup": args.warmup,
         "samples": args.samples,
         "simulate_and_load_s": prepare_s,
         "fit_wall_s": wall,
-        "sampler_wall_s": sampling_s,
-        "leapfrog_steps": int(
-            fit.history["warmup_leapfrog_steps"].sum()
-            + fit.history["sampling_leapfrog_steps"].sum()
-        ),
-        "ms_per_leapfrog": 1e3
-        * sampling_s
-        / max(
-            1,
-            int(
-                fit.history["warmup_leapfrog_steps"].sum()
-                + fit.history["sampling_leapfrog_steps"].sum()
-            ),
-        ),
+        "sampler_wall_s": float(history["wall_s"].sum()),
+        "leapfrog_steps": leapfrog,
+        "ms_per_leapfrog": 1e3 * float(history["wall_s"].sum()) / max(1, leapfrog),
         "mean_tree_depth": float(stats["tree_depth"].mean()),
+        "max_tree_depth_hits": int((stats["tree_depth"] >= args.max_tree_depth).sum()),
         "step_size": float(stats["step_size"].mean()),
         "divergences": int(stats["diverging"].sum()),
-        "max_r_hat_population": float(fit.population_summary["r_hat"].max()),
-        "min_ess_bulk_population": float(population_ess.min()),
-        "min_ess_per_s_population": float(population_ess.min() / wall),
-        "median_ess_per_s_population": float(np.median(population_ess) / wall),
-        "median_ess_per_s_genetic_value": float(np.median(ess_genetic) / wall),
+        "max_r_hat_population": float(table["r_hat"].max()),
+        "min_ess_bulk_population": float(table["ess_bulk"].min()),
+        "min_ess_tail_population": float(table["ess_tail"].min()),
+        "min_ess_bulk_per_s_population": float(table["ess_bulk"].min() / wall),
+        "median_ess_bulk_per_s_population": float(table["ess_bulk"].median() / wall),
+        "min_ess_tail_per_s_population": float(table["ess_tail"].min() / wall),
+        "median_ess_bulk_per_s_genetic_value": float(np.median(ess_genetic) / wall),
     }
     _append(OUT / "nuts_target_design.csv", row)
-    print(fit.report())
+    print(history.to_string(index=False))
+    print(table.to_string())
     print(pd.Series(row).to_string())
     if args.svi:
-        print(compare_with_svi(idata, az.from_netcdf(str(args.svi))).to_string(index=False))
+        svi = az.from_netcdf(str(args.svi))
+        scalars = compare_scalars(idata, svi, population).set_index("scalar")
+        scalars = scalars.join(table[["ess_bulk", "ess_tail", "r_hat"]])
+        variables = compare_with_svi(idata, svi)
+        print(scalars.to_string())
+        print(variables.to_string(index=False))
+        _write_markdown(OUT / "nuts_target_design.md", args, row, history, scalars, variables)
+
+
+def _write_markdown(path: Path, args, row: dict, history, scalars, variables) -> None:
+    command = (
+        f"OMP_NUM_THREADS={args.threads} python benchmarks/nuts_target_design.py "
+        f"--varieties {args.varieties} --markers {args.markers} --plants {args.plants} "
+        f"--days {args.days} --chains {args.chains} --warmup {args.warmup} "
+        f"--samples {args.samples} --refine-steps {args.refine_steps} --seed {args.seed} "
+        f"--parametrization {args.parametrization} "
+        + ("--reparam " if args.reparam else "--no-reparam ")
+        + (
+            f"--noncentred-sites {' '.join(args.noncentred_sites)} "
+            if args.noncentred_sites
+            else ""
+        )
+        + f"--threads {args.threads} --save PREFIX --svi {args.svi.name}"
+    )
+    lines = [
+        "# NUTS on the simulated target design, and SVI against it",
+        "",
+        f"Command: `{command}` (the SVI fit: the same command with `--fit-svi {args.svi.name}` "
+        f"instead of the NUTS options: {SVI_SETTINGS}, noncentred_sites genetic_value_component, "
+        "batch size 64, seed as --seed).",
+        "",
+        "## NUTS run",
+        "",
+        _markdown(pd.Series(row).to_frame("value").reset_index(names="quantity")),
+        "",
+        "Per chain:",
+        "",
+        _markdown(history),
+        "",
+        "## SVI against NUTS, population scalars",
+        "",
+        "`z = (mean_svi - mean_nuts) / sd_nuts`; `sd_ratio = sd_svi / sd_nuts`; ESS and R-hat of "
+        "the NUTS draws.",
+        "",
+        _markdown(scalars.reset_index()),
+        "",
+        "## SVI against NUTS, per variable",
+        "",
+        _markdown(variables),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A markdown table of ``frame`` (numbers to 4 significant digits)."""
+
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [list(frame.columns), ["---"] * frame.shape[1]]
+    rows += [[cell(v) for v in record] for record in frame.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
 def _append(csv: Path, row: dict) -> None:
