@@ -110,3 +110,19 @@ def test_refined_start_is_the_mean_field_fit_of_the_gaussian_posterior():
     assert ((start.loc[order] - mean).abs() < 0.25 * sd).all(), (start.loc[order], mean)
     conditional = 1 / torch.linalg.inv(covariance).diagonal()
     torch.testing.assert_close(start.covariance[order], conditional, rtol=0.3, atol=0)
+
+
+def test_diagonal_start_from_a_search_space_is_the_pushed_forward_variance():
+    # 60 well-observed groups: in the centred form the SD's Hessian row couples it to every
+    # effect, the kind of Hessian whose Hutchinson diagonal went negative on the target design
+    # (variance clamped to 1e8). The diagonal start must be the dense pushforward's diagonal
+    # up to its draws' error (relative SE sqrt(2 / 199) = 0.10; 0.45 is 4.5 SEs).
+    generator = torch.Generator().manual_seed(1)
+    effects = 2.0 * torch.randn(60, 1, generator=generator, dtype=torch.float64)
+    data = effects + 0.3 * torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    non_centred = poutine.reparam(hierarchy, config={"effect": LocScaleReparam(0.0)})
+    settings = {"search_model": non_centred, "refine_steps": 300}
+    dense = laplace_start(hierarchy, data, dense=True, **settings)
+    diagonal = laplace_start(hierarchy, data, dense=False, **settings)
+    torch.testing.assert_close(diagonal.loc, dense.loc)
+    torch.testing.assert_close(diagonal.covariance, dense.covariance.diagonal(), rtol=0.45, atol=0)
