@@ -43,6 +43,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import torch
+import xarray as xr
 
 from pyro_nlme.data import NLMEData, load_data
 from pyro_nlme.infer.nuts import NUTSConfig, fit_nuts, non_centred, reparametrised
@@ -95,28 +96,39 @@ def compare_with_svi(
 
 
 def compare_scalars(
-    nuts: az.InferenceData, svi: az.InferenceData, var_names: Sequence[str]
+    nuts: az.InferenceData,
+    svi: az.InferenceData,
+    var_names: Sequence[str],
+    truth: xr.Dataset | None = None,
 ) -> pd.DataFrame:
     """:func:`compare_with_svi` for every scalar of ``var_names``: one row per scalar with its
-    coordinates (``variable[coord,...]``), both posterior means and SDs, ``z`` and ``sd_ratio``."""
+    coordinates (``variable[coord, ...]``), both posterior means and SDs, ``z`` and
+    ``sd_ratio``; with the simulator's ``truth``, also the true value and each engine's
+    ``(mean - truth) / sd`` (``z_truth_nuts``, ``z_truth_svi``)."""
     rows = []
     for name in var_names:
         z, ratio = _z_and_ratio(nuts, svi, name)
         mean_nuts, sd_nuts = _moments(nuts.posterior[name])
         mean_svi, sd_svi = _moments(svi.posterior[name])
+        true = None
+        if truth is not None and name in truth:
+            true = truth[name].transpose(*z.dims).values
         for index in np.ndindex(z.shape):
             coords = ", ".join(str(z[dim].values[i]) for dim, i in zip(z.dims, index, strict=True))
-            rows.append(
-                {
-                    "scalar": f"{name}[{coords}]" if coords else name,
-                    "mean_nuts": float(mean_nuts.values[index]),
-                    "sd_nuts": float(sd_nuts.values[index]),
-                    "mean_svi": float(mean_svi.values[index]),
-                    "sd_svi": float(sd_svi.values[index]),
-                    "z": float(z.values[index]),
-                    "sd_ratio": float(ratio.values[index]),
-                }
-            )
+            row = {
+                "scalar": f"{name}[{coords}]" if coords else name,
+                "mean_nuts": float(mean_nuts.values[index]),
+                "sd_nuts": float(sd_nuts.values[index]),
+                "mean_svi": float(mean_svi.values[index]),
+                "sd_svi": float(sd_svi.values[index]),
+                "z": float(z.values[index]),
+                "sd_ratio": float(ratio.values[index]),
+            }
+            if true is not None:
+                row["truth"] = float(true[index])
+                row["z_truth_nuts"] = (row["mean_nuts"] - row["truth"]) / row["sd_nuts"]
+                row["z_truth_svi"] = (row["mean_svi"] - row["truth"]) / row["sd_svi"]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -351,7 +363,7 @@ def main() -> None:
     print(pd.Series(row).to_string())
     if args.svi:
         svi = az.from_netcdf(str(args.svi))
-        scalars = compare_scalars(idata, svi, population).set_index("scalar")
+        scalars = compare_scalars(idata, svi, population, sim.truth).set_index("scalar")
         scalars = scalars.join(table[["ess_bulk", "ess_tail", "r_hat"]])
         variables = compare_with_svi(idata, svi)
         print(scalars.to_string())
@@ -391,7 +403,8 @@ def _write_markdown(path: Path, args, row: dict, history, scalars, variables) ->
         "",
         "## SVI against NUTS, population scalars",
         "",
-        "`z = (mean_svi - mean_nuts) / sd_nuts`; `sd_ratio = sd_svi / sd_nuts`; ESS and R-hat of "
+        "`z = (mean_svi - mean_nuts) / sd_nuts`; `sd_ratio = sd_svi / sd_nuts`; `truth`: the "
+        "simulator's value, `z_truth_* = (mean - truth) / sd` of each engine; ESS and R-hat of "
         "the NUTS draws.",
         "",
         _markdown(scalars.reset_index()),
