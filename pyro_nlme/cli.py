@@ -122,6 +122,7 @@ def command_fit(args: argparse.Namespace) -> int:
             lr=args.lr,
             lr_decay_steps=args.lr_decay_steps,
             noncentred_sites=tuple(args.noncentred_sites),
+            marker_updates=args.marker_updates,
             num_draws=args.draws,
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
@@ -269,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="steps over which the learning rate decays to its final value, then held "
         "(default: --max-steps)",
+    )
+    svi.add_argument(
+        "--marker-updates",
+        choices=["gradient", "cavi"],
+        default="gradient",
+        help="cavi: spike-and-slab marker effects by coordinate ascent (--guide normal, "
+        "--parametrization centred)",
     )
     svi.add_argument("--draws", type=int, default=200, help="posterior draws to export")
     svi.add_argument("--checkpoint", help="checkpoint file (written every --checkpoint-every)")

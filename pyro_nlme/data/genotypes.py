@@ -103,9 +103,17 @@ class GenotypeMatrix:
         """Standardised dosages of ``rows`` (positions in this matrix; None: all), float32
         ``[len(rows), n_markers]``, on the device of the dosages. Missing genotypes and
         monomorphic markers give 0."""
-        block = self._block(rows)
-        values = (block.to(self.mean.dtype) - self.mean) / self.scale
-        return values.masked_fill((block == MISSING_DOSAGE) | self.monomorphic, 0.0)
+        return self._standardize(self._block(rows), slice(None))
+
+    def standardized_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """Standardised dosages of the markers ``columns`` (indices) for every row, float32
+        ``[n_varieties, len(columns)]``: a block of markers, e.g. for coordinate updates of
+        their effects. Missing genotypes and monomorphic markers give 0."""
+        return self._standardize(self._block(None)[:, columns], columns)
+
+    def _standardize(self, block: torch.Tensor, columns: torch.Tensor | slice) -> torch.Tensor:
+        values = (block.to(self.mean.dtype) - self.mean[columns]) / self.scale[columns]
+        return values.masked_fill((block == MISSING_DOSAGE) | self.monomorphic[columns], 0.0)
 
     def standardized_matmul(
         self, weights: torch.Tensor, rows: torch.Tensor | None = None

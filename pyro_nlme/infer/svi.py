@@ -100,6 +100,15 @@ class SVIConfig:
         centred kinship form. Centred, the genetic SD of the inflection crept from 0.70 to
         0.74 over steps 2,750 to 3,500 of a fit of the target design whose loss no longer
         fell; non-centred it stayed at 0.88-0.92 from step 1,250 (docs/svi.md).
+    :param marker_updates: ``gradient``: every variational parameter by Adam; ``cavi``: with
+        ``guide="normal"`` and a spike-and-slab marker prior, the marker effects' factor by
+        coordinate ascent every ``cavi_every`` steps, from the guide's current medians of
+        the centred site ``cavi_response_site``
+        (:mod:`~pyro_nlme.infer.guides.marker_cavi`). By Adam, 60,000 effects found none of
+        10 QTL and the genetic SD collapsed (docs/marker_priors.md).
+    :param cavi_every: steps between coordinate-ascent updates.
+    :param cavi_response_site: centred Normal site whose location is linear in the marker
+        effects (``g2was`` with ``parametrization="centred"``: the default).
     :param encoder_hidden: width of the amortised encoder.
     :param encoder_markers: feed the variety's markers to the amortised encoder (besides its
         trajectories).
@@ -128,11 +137,17 @@ class SVIConfig:
     rank: int | None = None
     coupling: bool = True
     noncentred_sites: tuple[str, ...] = ()
+    marker_updates: str = "gradient"
+    cavi_every: int = 10
+    cavi_response_site: str = "variety_scenario_parameter"
     encoder_hidden: int = 64
     encoder_markers: bool = True
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+
+
+MARKER_UPDATES = ("gradient", "cavi")
 
 
 def _decay_steps(config: SVIConfig) -> int:
@@ -263,6 +278,12 @@ def fit_svi(
         raise ValueError(f"init must be 'pooled' or 'prior', got {config.init!r}")
     if config.anchor not in ("modes", "prior"):
         raise ValueError(f"anchor must be 'modes' or 'prior', got {config.anchor!r}")
+    if config.marker_updates not in MARKER_UPDATES:
+        raise ValueError(
+            f"marker_updates must be one of {MARKER_UPDATES}, got {config.marker_updates!r}"
+        )
+    if config.marker_updates == "cavi" and config.guide != "normal":
+        raise ValueError("marker_updates='cavi' needs guide='normal'")
     init_values = {}
     if config.init == "pooled":
         init_values = pooled_estimates(
@@ -281,6 +302,8 @@ def fit_svi(
         fitted_structure,
         rank=config.rank,
         init_values={**init_values, **population_modes},
+        cavi_response_site=(config.cavi_response_site if config.marker_updates == "cavi" else None),
+        model_kwargs=model_kwargs,
         **(
             {
                 "hidden": config.encoder_hidden,
@@ -384,7 +407,10 @@ def _train(
         unit="step",
     )
     started = time.perf_counter() - (training.seconds[-1] if training.seconds else 0.0)
+    coordinate_update = getattr(guide, "coordinate_update", None)
     while training.step < config.max_steps:
+        if coordinate_update is not None and training.step % config.cavi_every == 0:
+            coordinate_update(data, **kwargs)
         with poutine.trace(param_only=True) as capture:
             loss = elbo.loss_and_grads(model, guide, data, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}

@@ -55,8 +55,11 @@ def marker_plate(n_markers: int) -> pyro.plate:
 
 
 class SpikeSlabNormal(TorchDistribution):
-    """Two-component scale mixture of zero-mean normals, the indicator summed out:
-    ``inclusion * Normal(0, slab_scale) + (1 - inclusion) * Normal(0, spike_scale)``.
+    """Two-component mixture of normals, the indicator summed out:
+    ``inclusion * Normal(slab_loc, slab_scale) + (1 - inclusion) * Normal(spike_loc,
+    spike_scale)``. With zero locations (the default) it is the spike-and-slab prior; with
+    locations it is also the mean-field posterior of a spike-and-slab effect
+    (:mod:`pyro_nlme.infer.guides.marker_cavi`).
 
     With ``shared=False`` the mixture is elementwise (batch shape: the broadcast of the three
     arguments, no event dims). With ``shared=True`` one indicator covers the last dim of
@@ -67,12 +70,16 @@ class SpikeSlabNormal(TorchDistribution):
     :param spike_scale: SD of the narrow component (> 0).
     :param slab_scale: SD of the wide component (> 0).
     :param inclusion: probability of the wide component, in ``(0, 1)``.
+    :param spike_loc: mean of the narrow component (default 0), shaped like ``spike_scale``.
+    :param slab_loc: mean of the wide component (default 0), shaped like ``slab_scale``.
     """
 
     arg_constraints = {
         "spike_scale": constraints.positive,
         "slab_scale": constraints.positive,
         "inclusion": constraints.unit_interval,
+        "spike_loc": constraints.real,
+        "slab_loc": constraints.real,
     }
 
     def __init__(
@@ -82,20 +89,23 @@ class SpikeSlabNormal(TorchDistribution):
         inclusion: torch.Tensor,
         shared: bool = False,
         validate_args: bool | None = None,
+        spike_loc: torch.Tensor | None = None,
+        slab_loc: torch.Tensor | None = None,
     ):
         self.shared = shared
+        spike_loc = torch.zeros_like(spike_scale) if spike_loc is None else spike_loc
+        slab_loc = torch.zeros_like(slab_scale) if slab_loc is None else slab_loc
+        parts = (spike_scale, slab_scale, spike_loc, slab_loc)
         if shared:
-            event = broadcast_shape(spike_scale.shape[-1:], slab_scale.shape[-1:])
-            batch = broadcast_shape(spike_scale.shape[:-1], slab_scale.shape[:-1], inclusion.shape)
-            self.spike_scale = spike_scale.expand(batch + event)
-            self.slab_scale = slab_scale.expand(batch + event)
-            self.inclusion = inclusion.expand(batch)
+            event = broadcast_shape(*(part.shape[-1:] for part in parts))
+            batch = broadcast_shape(*(part.shape[:-1] for part in parts), inclusion.shape)
         else:
             event = torch.Size()
-            batch = broadcast_shape(spike_scale.shape, slab_scale.shape, inclusion.shape)
-            self.spike_scale = spike_scale.expand(batch)
-            self.slab_scale = slab_scale.expand(batch)
-            self.inclusion = inclusion.expand(batch)
+            batch = broadcast_shape(*(part.shape for part in parts), inclusion.shape)
+        self.spike_scale, self.slab_scale, self.spike_loc, self.slab_loc = (
+            part.expand(batch + event) for part in parts
+        )
+        self.inclusion = inclusion.expand(batch)
         super().__init__(batch, event, validate_args=validate_args)
 
     @constraints.dependent_property
@@ -111,12 +121,56 @@ class SpikeSlabNormal(TorchDistribution):
             self.inclusion.expand(batch_shape),
             shared=self.shared,
             validate_args=False,
+            spike_loc=self.spike_loc.expand(batch_shape + event),
+            slab_loc=self.slab_loc.expand(batch_shape + event),
         )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        inclusion = self.inclusion[..., None] if self.shared else self.inclusion
+        return inclusion * self.slab_loc + (1 - inclusion) * self.spike_loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        inclusion = self.inclusion[..., None] if self.shared else self.inclusion
+        second_moment = inclusion * (self.slab_scale**2 + self.slab_loc**2) + (1 - inclusion) * (
+            self.spike_scale**2 + self.spike_loc**2
+        )
+        return second_moment - self.mean**2
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        """Marginal CDF of each coordinate (with ``shared=True`` too: each coordinate is the
+        same two-component mixture), shape of ``value`` broadcast with the components."""
+        inclusion = self.inclusion[..., None] if self.shared else self.inclusion
+        slab = dist.Normal(self.slab_loc, self.slab_scale).cdf(value)
+        spike = dist.Normal(self.spike_loc, self.spike_scale).cdf(value)
+        return inclusion * slab + (1 - inclusion) * spike
+
+    def icdf(self, value: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+        """Marginal quantiles of each coordinate, by bisection of :meth:`cdf` (the mixture's
+        quantile has no closed form); with ``shared=True`` ``value`` of the batch shape gives
+        ``[*batch, K]``."""
+        if self.shared and value.shape == self.batch_shape:
+            value = value[..., None]
+        lower = torch.minimum(self.spike_loc, self.slab_loc) - 40 * self.slab_scale.maximum(
+            self.spike_scale
+        )
+        upper = torch.maximum(self.spike_loc, self.slab_loc) + 40 * self.slab_scale.maximum(
+            self.spike_scale
+        )
+        lower, upper, value = torch.broadcast_tensors(lower, upper, value)
+        lower, upper = lower.clone(), upper.clone()
+        for _ in range(iterations):
+            middle = (lower + upper) / 2
+            below = self.cdf(middle) < value
+            lower = torch.where(below, middle, lower)
+            upper = torch.where(below, upper, middle)
+        return (lower + upper) / 2
 
     def _component_log_probs(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log pi + log slab density, log(1 - pi) + log spike density)``, batch shape."""
-        slab = dist.Normal(0.0, self.slab_scale).log_prob(value)
-        spike = dist.Normal(0.0, self.spike_scale).log_prob(value)
+        slab = dist.Normal(self.slab_loc, self.slab_scale).log_prob(value)
+        spike = dist.Normal(self.spike_loc, self.spike_scale).log_prob(value)
         if self.shared:
             slab, spike = slab.sum(-1), spike.sum(-1)
         return slab + self.inclusion.log(), spike + (-self.inclusion).log1p()
@@ -140,8 +194,10 @@ class SpikeSlabNormal(TorchDistribution):
             included = torch.bernoulli(self.inclusion.expand(sample_shape + self.batch_shape))
             if self.shared:
                 included = included.unsqueeze(-1)
-            scale = torch.where(included.bool(), self.slab_scale, self.spike_scale)
-            return scale.expand(shape) * torch.randn(shape, dtype=scale.dtype, device=scale.device)
+            slab = included.bool()
+            scale = torch.where(slab, self.slab_scale, self.spike_scale).expand(shape)
+            loc = torch.where(slab, self.slab_loc, self.spike_loc).expand(shape)
+            return loc + scale * torch.randn(shape, dtype=scale.dtype, device=scale.device)
 
 
 def ridge_effects(

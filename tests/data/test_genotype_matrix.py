@@ -64,6 +64,13 @@ def test_standardized_equals_float_reference(dosages):
         matrix.standardized(rows).numpy(), reference[[39, 0, 17, 17]], atol=1e-5
     )
 
+    columns = torch.tensor([9, 0, 7, 2])
+    np.testing.assert_allclose(
+        matrix.take(rows).standardized_columns(columns).numpy(),
+        reference[[39, 0, 17, 17]][:, [9, 0, 7, 2]],
+        atol=1e-5,
+    )
+
 
 def test_take_keeps_full_data_standardisation(dosages):
     matrix = GenotypeMatrix.from_dosages(dosages, [f"m{j}" for j in range(12)])

@@ -156,3 +156,29 @@ def test_unknown_prior_and_shared_ridge_are_errors():
         sample_marker_effects("ridge", 10, 5, GENETIC_SD, GENETIC_SD, shared=True)
     with pytest.raises(ValueError, match="expected_nonzero"):
         pyro.poutine.trace(spike_slab_effects).get_trace(10, GENETIC_SD, 10.0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_spike_slab_moments_and_quantiles_with_component_locations(shared):
+    """Mean, variance and marginal CDF against the two-component mixture by hand; the
+    quantile function inverts the CDF (the prior's median is 0)."""
+    spike, slab = torch.tensor([0.1, 0.2], dtype=torch.float64), torch.tensor([1.0, 2.0])
+    slab = slab.double()
+    spike_loc, slab_loc = torch.tensor([0.05, -0.1]).double(), torch.tensor([1.5, -2.0]).double()
+    pi = torch.tensor(0.3, dtype=torch.float64)
+    mixture = SpikeSlabNormal(
+        spike, slab, pi if shared else pi.expand(2), shared, spike_loc=spike_loc, slab_loc=slab_loc
+    )
+    p = float(pi)
+    mean = p * slab_loc + (1 - p) * spike_loc
+    second = p * (slab**2 + slab_loc**2) + (1 - p) * (spike**2 + spike_loc**2)
+    np.testing.assert_allclose(mixture.mean.numpy(), mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(mixture.variance.numpy(), (second - mean**2).numpy(), rtol=1e-12)
+    x = torch.tensor([-1.0, 0.7], dtype=torch.float64)
+    expected = p * stats.norm(slab_loc, slab).cdf(x) + (1 - p) * stats.norm(spike_loc, spike).cdf(x)
+    np.testing.assert_allclose(mixture.cdf(x).numpy(), expected, rtol=1e-12)
+    levels = torch.tensor([0.05, 0.5], dtype=torch.float64)
+    np.testing.assert_allclose(mixture.cdf(mixture.icdf(levels)).numpy(), levels, atol=1e-12)
+    prior = SpikeSlabNormal(spike, slab, pi if shared else pi.expand(2), shared)
+    half = torch.full(prior.batch_shape, 0.5, dtype=torch.float64)
+    assert prior.icdf(half).abs().max() < 1e-12

@@ -23,6 +23,7 @@ from pyro.infer.autoguide import (
 from pyro_nlme.data import NLMEData
 from pyro_nlme.infer.guides.amortized import AmortizedGuide
 from pyro_nlme.infer.guides.init import init_to_prior_median
+from pyro_nlme.infer.guides.marker_cavi import CoordinateAscentGuide
 from pyro_nlme.infer.util import ModelStructure
 from pyro_nlme.model.convention import VARIETY_DIM, VARIETY_PLATE
 from pyro_nlme.model.priors import MARKER_PLATE
@@ -55,6 +56,8 @@ def build_guide(
     rank: int | None = None,
     init_scale: float = 0.05,
     init_values: dict | None = None,
+    cavi_response_site: str | None = None,
+    model_kwargs: dict | None = None,
     **amortized_options,
 ) -> Callable:
     """A guide for ``model``.
@@ -67,9 +70,22 @@ def build_guide(
     :param init_values: initial locations of some latent sites (e.g. the pooled estimates of
         :func:`~pyro_nlme.infer.guides.pooled.pooled_estimates`); the others start at their
         (conditional) prior medians.
+    :param cavi_response_site: with ``normal``, fit the model's spike-and-slab marker effects
+        by coordinate ascent given this centred site (:class:`CoordinateAscentGuide`).
+    :param model_kwargs: the model's keyword arguments (needed with ``cavi_response_site``).
     :param amortized_options: passed to :class:`AmortizedGuide`.
     """
     init_loc_fn = init_to_value(values=init_values or {}, fallback=init_to_prior_median)
+    if kind == "normal" and cavi_response_site is not None:
+        return CoordinateAscentGuide(
+            model,
+            data,
+            cavi_response_site,
+            model_kwargs or {},
+            create_plates=create_variety_plate,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+        )
     if kind == "normal":
         return AutoNormal(
             model,
