@@ -4,7 +4,8 @@ of varieties never phenotyped?
 
 For each seed: simulate the sparse-QTL design (``DesignConfig(sparse_qtl=True)``: 10 QTL per
 curve parameter, 3 of them shared by the three parameters, equal magnitudes, an exact share of
-the genetic variance), fit g2was by mean-field SVI once per marker prior on the phenotyped
+the genetic variance), fit g2was (centred) by mean-field SVI once per marker prior, the
+spike-and-slab effects by coordinate ascent (``--marker-updates``), on the phenotyped
 varieties (the held-out ones are in the data with genotypes only, so the export holds their
 predictions), and score:
 
@@ -37,9 +38,9 @@ from svi_target_design import markdown_table  # benchmarks/ is on the path of it
 
 from pyro_nlme.data import load_data
 from pyro_nlme.export.inference_data import package_versions
-from pyro_nlme.infer.svi import SVIConfig, fit_svi
+from pyro_nlme.infer.svi import MARKER_UPDATES, SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
-from pyro_nlme_models.g2was import CURVE_PARAMETERS, g2was
+from pyro_nlme_models.g2was import CURVE_PARAMETERS, PARAMETRIZATIONS, g2was
 
 TOP = 50
 
@@ -105,6 +106,18 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=30)
     parser.add_argument("--ld-window", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--parametrization",
+        choices=PARAMETRIZATIONS,
+        default="centred",
+        help="g2was parametrization (the coordinate-ascent marker updates need 'centred')",
+    )
+    parser.add_argument(
+        "--marker-updates",
+        choices=MARKER_UPDATES,
+        default="cavi",
+        help="spike-and-slab priors: marker effects by coordinate ascent or by Adam",
+    )
     parser.add_argument("--out", default="docs/sparse_qtl_benchmark.md")
     args = parser.parse_args()
     # On a shared 2-core machine torch's two intra-op threads made a step 10x slower than one.
@@ -138,11 +151,12 @@ def main() -> None:
         assert order == list(range(len(order))), "data rows must follow the simulator's"
         for prior in args.priors:
             tic = time.perf_counter()
+            updates = args.marker_updates if prior.startswith("spike_slab") else "gradient"
             fit = fit_svi(
                 g2was,
                 data,
-                dataclasses.replace(svi, seed=seed),
-                model_kwargs={"marker_prior": prior},
+                dataclasses.replace(svi, seed=seed, marker_updates=updates),
+                model_kwargs={"marker_prior": prior, "parametrization": args.parametrization},
             )
             wall = time.perf_counter() - tic
             for row in score(prior, fit, dataset, data, args.ld_window):
@@ -162,13 +176,16 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
         f"Command: `python benchmarks/sparse_qtl.py --seeds {' '.join(map(str, args.seeds))} "
         f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --varieties {args.varieties} "
         f"--heldout {args.heldout} --days {args.days} --qtl-share {args.qtl_share} "
-        f"--draws {args.draws} --ld-window {args.ld_window} --threads {args.threads}`",
+        f"--draws {args.draws} --ld-window {args.ld_window} --threads {args.threads} "
+        f"--parametrization {args.parametrization} --marker-updates {args.marker_updates}`",
         "",
         f"Design: {config.n_varieties} phenotyped + {config.n_heldout} held-out varieties, "
         f"3 scenarios, {config.n_plants} plant, {config.n_days} days, {config.n_markers} markers; "
         f"sparse-QTL mode, {config.n_qtl} QTL per curve parameter ({config.n_shared_qtl} shared), "
         f"QTL share of the genetic variance {config.qtl_variance_share}. "
-        f"SVI: mean-field guide, {svi.max_steps} steps, batch {svi.batch_size or 'all'}, "
+        f"SVI: mean-field guide ({args.parametrization} g2was; spike-and-slab effects by "
+        f"{'coordinate ascent' if args.marker_updates == 'cavi' else 'Adam'}), "
+        f"{svi.max_steps} steps, batch {svi.batch_size or 'all'}, "
         f"lr {svi.lr} -> {svi.lr_final}, {svi.num_draws} draws. Total wall time {total:.0f} s.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; "
         f"versions: {json.dumps(package_versions())}",

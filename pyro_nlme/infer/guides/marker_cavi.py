@@ -21,16 +21,19 @@ two-component posterior of a Gaussian regression (Carbonetto & Stephens 2012, Ba
 
 with the working response ``y[v, k]`` and weights ``w[v, k]`` the precision-weighted mean of
 ``response - offset`` over the variety's scenarios (and any other dims) and its total
-precision. This module holds that factor and updates it every few SVI steps from the guide's
-current medians of the other sites; Adam fits everything else. The ELBO being maximised is the
-same: only the marker block is maximised by coordinate ascent instead of gradient steps.
+precision, and ``logit pi`` replaced by ``E_q[logit pi]`` under ``q(pi) = Beta(c1 + sum_m
+alpha_m, c0 + sum_m (1 - alpha_m))``, the exact factor of the prior ``pi ~ Beta(c1, c0)``.
+This module holds both factors and updates them every few SVI steps from the guide's current
+medians of the other sites; Adam fits everything else. The ELBO being maximised is the same:
+only the marker block is maximised by coordinate ascent instead of gradient steps.
 
 Approximations, on top of the mean-field family: the other sites enter at their guide medians
 (their guide means for Normal sites; for the scales ``1 / median ** 2`` stands for
-``E[1 / scale ** 2]``, and the prior inclusion probability and SDs enter at their medians:
-a variational-EM step for those), and markers are updated in blocks of ``n_blocks``-strided
-markers at once (markers far apart on the genome: near-zero LD inside a block) rather than one
-at a time; the fixed points are the same.
+``E[1 / scale ** 2]``, and the genetic SD, which sets ``unit`` and the prior SDs, enters at
+its median: a variational-EM step for it), and markers ``n_blocks`` apart are updated
+together, each as if alone, with the block's step damped by an exact line search
+(:meth:`SpikeSlabFactor._update_block`), rather than one at a time; the fixed points are the
+same.
 """
 
 from __future__ import annotations
@@ -319,7 +322,8 @@ def working_regression(
     model_kwargs: dict,
 ) -> WorkingRegression:
     """The regression of :class:`SpikeSlabCoordinateAscent` (module docstring), read off two
-    traces of the model at the guide's medians, with the effects at 0 and at 1.
+    traces of the model at the guide's medians, with the effects at 0 and at 1 on a few markers
+    (``PROBE_MARKERS``) far apart.
 
     :raises ValueError: if the response site's location is not ``offset + unit * Z @ b``.
     """
