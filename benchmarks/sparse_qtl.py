@@ -174,6 +174,7 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
         "# Sparse-QTL benchmark",
         "",
         f"Command: `python benchmarks/sparse_qtl.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--priors {' '.join(args.priors)} "
         f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --varieties {args.varieties} "
         f"--heldout {args.heldout} --days {args.days} --qtl-share {args.qtl_share} "
         f"--draws {args.draws} --ld-window {args.ld_window} --threads {args.threads} "
