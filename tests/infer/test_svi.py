@@ -14,7 +14,6 @@ import torch
 import xarray as xr
 from pyro.infer import Trace_ELBO
 
-import pyro_nlme.infer.svi as svi_module
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.guides import build_guide
 from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
@@ -98,30 +97,17 @@ def test_export_schema_and_netcdf_round_trip(tiny, tmp_path):
         xr.testing.assert_identical(idata[group], back[group])
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tiny, tmp_path, killed_after):
     config = SVIConfig(batch_size=4, max_steps=40, checkpoint_every=10, **QUICK)
     pyro.set_rng_seed(0)
     whole = fit_svi(g2was, tiny, config)
-
-    class Interrupted(svi_module.tqdm):
-        """The progress bar of a run killed after its 25th step."""
-
-        steps = 0
-
-        def update(self, n=1):
-            super().update(n)
-            Interrupted.steps += n
-            if Interrupted.steps == 25:
-                raise KeyboardInterrupt
 
     checkpoint = tmp_path / "run.pt"
     interrupted = SVIConfig(
         batch_size=4, max_steps=40, checkpoint_every=10, checkpoint_path=str(checkpoint), **QUICK
     )
-    monkeypatch.setattr(svi_module, "tqdm", Interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(25):
         fit_svi(g2was, tiny, interrupted)
-    monkeypatch.undo()
     resumed = fit_svi(
         g2was,
         tiny,

@@ -185,11 +185,9 @@ def test_cavi_needs_a_spike_slab_site_and_a_centred_response(simulated_data, kwa
         fit_svi(g2was, simulated_data, config, model_kwargs=kwargs)
 
 
-def test_cavi_resume_equals_uninterrupted(simulated_data, tmp_path, monkeypatch):
+def test_cavi_resume_equals_uninterrupted(simulated_data, tmp_path, killed_after):
     """The coordinate-ascent state is in the checkpoint: a run killed after step 17 and
     resumed from its step-10 checkpoint ends where an uninterrupted run does."""
-    from pyro_nlme.infer import svi as svi_module
-
     kwargs = {"marker_prior": "spike_slab", "parametrization": "centred"}
     checkpoint = tmp_path / "run.pt"
 
@@ -209,19 +207,8 @@ def test_cavi_resume_equals_uninterrupted(simulated_data, tmp_path, monkeypatch)
 
     whole = fit_svi(g2was, simulated_data, config(), model_kwargs=kwargs)
 
-    class Interrupted(svi_module.tqdm):
-        steps = 0
-
-        def update(self, n=1):
-            super().update(n)
-            Interrupted.steps += n
-            if Interrupted.steps == 17:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(svi_module, "tqdm", Interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(17):
         fit_svi(g2was, simulated_data, config(checkpoint_path=str(checkpoint)), model_kwargs=kwargs)
-    monkeypatch.undo()
     resumed = fit_svi(
         g2was,
         simulated_data,
