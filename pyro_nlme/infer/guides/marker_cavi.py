@@ -145,6 +145,7 @@ class SpikeSlabCoordinateAscent:
         self.shared = prior.shared
         self.inclusion_site, self.inclusion_prior = _inclusion_site(trace, prior)
         value = trace.nodes[site]["value"]
+        self.shape = value.shape
         alpha = prior.inclusion.detach().expand(value.shape[:1] if self.shared else value.shape)
         self._names = {part: f"{site}.cavi_{part}" for part in ("alpha", "loc", "var")}
         pyro.param(self._names["alpha"], alpha.clone())
@@ -173,10 +174,12 @@ class SpikeSlabCoordinateAscent:
     def update(self, data: NLMEData, **model_kwargs) -> None:
         """``sweeps`` coordinate-ascent sweeps of the marker factor given the other sites at
         their guide medians."""
-        regression = working_regression(
-            self.model, data, self.site, self.response_site, self.medians, model_kwargs
-        )
         factor = self.factor()
+        point = self.medians(data, subsample_size=None, **model_kwargs)
+        point[self.inclusion_site] = factor.inclusion_posterior().mean
+        regression = working_regression(
+            self.model, data, self.site, self.shape, self.response_site, point, model_kwargs
+        )
         factor.ascend(data.markers, regression, self.sweeps, self.n_blocks)
         with torch.no_grad():  # a no-op where the views share the parameters' storage
             for part in ("alpha", "loc", "var"):
@@ -317,24 +320,24 @@ def working_regression(
     model: Callable,
     data: NLMEData,
     site: str,
+    shape: torch.Size,
     response_site: str,
-    medians: Callable[..., dict],
+    point: dict[str, torch.Tensor],
     model_kwargs: dict,
 ) -> WorkingRegression:
     """The regression of :class:`SpikeSlabCoordinateAscent` (module docstring), read off two
-    traces of the model at the guide's medians, with the effects at 0 and at 1 on a few markers
-    (``PROBE_MARKERS``) far apart.
+    traces of the model at ``point``, with the effects ``site`` (of ``shape``) at 0 and at 1 on
+    a few markers (``PROBE_MARKERS``) far apart.
 
+    :param point: a value of every other latent site (the guide's medians).
     :raises ValueError: if the response site's location is not ``offset + unit * Z @ b``.
     """
     kwargs = {"subsample_size": None, **model_kwargs}
-    point = {name: value for name, value in medians(data, **kwargs).items() if name != site}
 
     def trace_at(effects: torch.Tensor):
         conditioned = poutine.condition(model, data={**point, site: effects})
         return poutine.trace(conditioned).get_trace(data, **kwargs)
 
-    shape = poutine.trace(model).get_trace(data, **kwargs).nodes[site]["value"].shape
     dtype = next(iter(point.values())).dtype
     at_zero = trace_at(torch.zeros(shape, dtype=dtype))
     # probe: a unit effect at a few markers far apart (a sum over all 60,000 markers would
