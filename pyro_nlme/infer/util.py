@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
@@ -15,6 +16,14 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.model.convention import OBSERVED_SITE, VARIETY_PLATE, model_event_dims
+
+
+def base_distribution(fn: dist.Distribution) -> dist.Distribution:
+    """``fn`` without its ``Independent``, ``Expanded`` and ``Masked`` wrappers (which keep
+    the elementwise distribution; a transformed distribution is not unwrapped)."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+        fn = fn.base_dist
+    return fn
 
 
 def is_real_support(support: constraints.Constraint) -> bool:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import init_to_median
 
+from pyro_nlme.infer.util import base_distribution
+
 MEDIAN_SAMPLES = 201
 """Prior draws behind the initial value of a site whose median has no closed form."""
-
-
-def _base(fn: dist.Distribution) -> dist.Distribution:
-    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
-        fn = fn.base_dist
-    return fn
 
 
 def init_to_prior_median(site: dict) -> torch.Tensor:
@@ -23,7 +18,7 @@ def init_to_prior_median(site: dict) -> torch.Tensor:
     so closed forms come first. Local latents start at their conditional prior median."""
     fn = site["fn"]
     try:
-        base = _base(fn)
+        base = base_distribution(fn)
         half = torch.full(base.batch_shape, 0.5, dtype=base.mean.dtype, device=base.mean.device)
         median = base.icdf(half)
         return median.expand(fn.shape())

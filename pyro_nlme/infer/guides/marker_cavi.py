@@ -49,13 +49,17 @@ import torch
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
+from pyro_nlme.infer.util import base_distribution
 from pyro_nlme.model.convention import VARIETY_DIM
 from pyro_nlme.model.marker_priors import MARKER_PLATE, SpikeSlabNormal
 
 DEFAULT_BLOCKS = 256
 """Markers ``m, m + 256, m + 512, ...`` are updated together (235 per block at 60,000)."""
 LINEARITY_TOLERANCE = 1e-3
+"""Largest departure of the response's location from ``offset + unit * Z @ b``, relative to
+the probed change (float32 rounding is about 1e-6)."""
 PROBE_MARKERS = 8
+"""Markers set to 1 when the response's change per unit effect is measured."""
 
 
 def _inclusion_site(trace, prior: SpikeSlabNormal) -> tuple[str, tuple[torch.Tensor, ...]]:
@@ -63,7 +67,7 @@ def _inclusion_site(trace, prior: SpikeSlabNormal) -> tuple[str, tuple[torch.Ten
     concentrations ``(c1, c0)``."""
     storage = prior.inclusion.untyped_storage().data_ptr()
     for name, node in trace.nodes.items():
-        fn = _base(node["fn"]) if node["type"] == "sample" else None
+        fn = base_distribution(node["fn"]) if node["type"] == "sample" else None
         if isinstance(fn, dist.Beta) and node["value"].untyped_storage().data_ptr() == storage:
             return name, (fn.concentration1.detach(), fn.concentration0.detach())
     raise ValueError(
@@ -72,32 +76,25 @@ def _inclusion_site(trace, prior: SpikeSlabNormal) -> tuple[str, tuple[torch.Ten
     )
 
 
-def _base(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
-
-
-def spike_slab_site(model: Callable, data: NLMEData, **model_kwargs) -> tuple[str, torch.Tensor]:
-    """The name of the model's spike-and-slab site (a :class:`SpikeSlabNormal` prior) and
-    zeros of its shape.
+def spike_slab_site(trace: poutine.Trace) -> str:
+    """The name of the spike-and-slab site (a :class:`SpikeSlabNormal` prior) of a model's
+    trace.
 
     :raises ValueError: if the model has none or several.
     """
-    trace = poutine.trace(model).get_trace(data, subsample_size=None, **model_kwargs)
     names = [
         name
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
-        and isinstance(_base(site["fn"]), SpikeSlabNormal)
+        and isinstance(base_distribution(site["fn"]), SpikeSlabNormal)
     ]
     if len(names) != 1:
         raise ValueError(
             "coordinate-ascent marker updates need exactly one spike-and-slab site in the "
             f"model (marker_prior='spike_slab' or 'spike_slab_shared'), found {names}"
         )
-    return names[0], torch.zeros_like(trace.nodes[names[0]]["value"])
+    return names[0]
 
 
 class SpikeSlabCoordinateAscent:
@@ -109,7 +106,7 @@ class SpikeSlabCoordinateAscent:
     ``{site}.cavi_*``; Adam sees no gradient for it.
 
     :param model: the (reparametrised) model the SVI fits.
-    :param data: the full data set.
+    :param trace: a trace of ``model`` on the full data.
     :param site: the spike-and-slab site.
     :param response_site: the centred Normal site whose location is linear in the effects.
     :param medians: ``medians(data, **kwargs)``: the guide's medians of every other latent site
@@ -123,11 +120,10 @@ class SpikeSlabCoordinateAscent:
     def __init__(
         self,
         model: Callable,
-        data: NLMEData,
+        trace: poutine.Trace,
         site: str,
         response_site: str,
         medians: Callable[..., dict],
-        model_kwargs: dict,
         marker_plate: Callable[[], pyro.plate],
         sweeps: int = 2,
         n_blocks: int = DEFAULT_BLOCKS,
@@ -135,13 +131,18 @@ class SpikeSlabCoordinateAscent:
         self.model, self.site, self.response_site = model, site, response_site
         self.marker_plate = marker_plate
         self.medians, self.sweeps, self.n_blocks = medians, sweeps, n_blocks
-        trace = poutine.trace(model).get_trace(data, subsample_size=None, **model_kwargs)
-        if response_site not in trace.nodes or trace.nodes[response_site]["type"] != "sample":
+        response = trace.nodes.get(response_site, {})
+        if response.get("type") != "sample":
             raise ValueError(
                 f"coordinate-ascent marker updates: the model has no site {response_site!r} "
                 "(g2was: parametrization='centred' has 'variety_scenario_parameter')"
             )
-        prior = _base(trace.nodes[site]["fn"])
+        if type(base_distribution(response["fn"])) is not dist.Normal:
+            raise ValueError(
+                f"coordinate-ascent marker updates need {response_site!r} to be Normal, "
+                f"got {type(base_distribution(response['fn'])).__name__}"
+            )
+        prior = base_distribution(trace.nodes[site]["fn"])
         self.shared = prior.shared
         self.inclusion_site, self.inclusion_prior = _inclusion_site(trace, prior)
         value = trace.nodes[site]["value"]
@@ -154,8 +155,9 @@ class SpikeSlabCoordinateAscent:
         pyro.param(self._names["var"], variance.expand(2, *value.shape).clone())
 
     def factor(self) -> SpikeSlabFactor:
-        """The current factor; its tensors are views of the parameters (index 0 of ``loc``
-        and ``var``: spike, 1: slab)."""
+        """The current factor; its tensors are views of the (unconstrained, real-valued)
+        parameters, so :meth:`SpikeSlabFactor.ascend` updates them in place (index 0 of
+        ``loc`` and ``var``: spike, 1: slab)."""
         alpha, loc, var = (
             pyro.param(self._names[part]).detach() for part in ("alpha", "loc", "var")
         )
@@ -181,9 +183,6 @@ class SpikeSlabCoordinateAscent:
             self.model, data, self.site, self.shape, self.response_site, point, model_kwargs
         )
         factor.ascend(data.markers, regression, self.sweeps, self.n_blocks)
-        with torch.no_grad():  # a no-op where the views share the parameters' storage
-            for part in ("alpha", "loc", "var"):
-                pyro.param(self._names[part]).copy_(getattr(factor, part))
 
 
 @dataclass
@@ -347,14 +346,14 @@ def working_regression(
     probe[columns] = 1.0
     at_probe = trace_at(probe)
     node = at_zero.nodes[response_site]
-    fn = _base(node["fn"])
+    fn = base_distribution(node["fn"])
     event_dims = node["fn"].event_dim
     value, offset, scale = torch.broadcast_tensors(node["value"], fn.loc, fn.scale)
     precision = _per_variety(scale**-2, event_dims)
     weight = precision.sum(1)
     response = (precision * _per_variety(value - offset, event_dims)).sum(1) / weight
     # linearity: the change of the location is unit[k] * (Z @ probe)[v]
-    change = _base(at_probe.nodes[response_site]["fn"]).loc - fn.loc
+    change = base_distribution(at_probe.nodes[response_site]["fn"]).loc - fn.loc
     change = _per_variety(change.expand(value.shape), event_dims)
     row_sums = data.markers.standardized_columns(columns).to(dtype).sum(1, keepdim=True)
     unit = (change.mean(1) * row_sums).sum(0) / (row_sums**2).sum()
@@ -364,7 +363,7 @@ def working_regression(
             f"the location of {response_site!r} is not linear in the standardised dosages "
             f"times {site!r}: coordinate-ascent marker updates do not apply to this model"
         )
-    prior = _base(at_zero.nodes[site]["fn"])
+    prior = base_distribution(at_zero.nodes[site]["fn"])
     prior_variance = torch.stack([prior.spike_scale, prior.slab_scale]).reshape(2, -1, shape[-1])
     return WorkingRegression(response, weight, unit, prior_variance[:, 0] ** 2)
 
@@ -385,16 +384,17 @@ class CoordinateAscentGuide(AutoGuideList):
         init_scale: float,
     ):
         super().__init__(model, create_plates=create_plates)
-        site, zeros = spike_slab_site(model, data, **model_kwargs)
+        trace = poutine.trace(model).get_trace(data, subsample_size=None, **model_kwargs)
+        site = spike_slab_site(trace)
         self.markers = SpikeSlabCoordinateAscent(
             model,
-            data,
+            trace,
             site,
             response_site,
             lambda *args, **kwargs: self[0].median(*args, **kwargs),
-            model_kwargs,
             marker_plate=lambda: self.plates[MARKER_PLATE],
         )
+        zeros = torch.zeros_like(trace.nodes[site]["value"])
         # the other sites start at their conditional prior medians given no marker effect
         # (as in a mean-field guide started at the prior medians), not given a prior draw
         rest = AutoNormal(

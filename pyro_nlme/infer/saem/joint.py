@@ -26,11 +26,15 @@ from typing import NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
-from torch.distributions import Independent, biject_to, constraints
+from torch.distributions import biject_to, constraints
 
 from pyro_nlme.data import NLMEData
-from pyro_nlme.infer.util import ModelStructure, is_real_support, model_structure
+from pyro_nlme.infer.util import (
+    ModelStructure,
+    base_distribution,
+    is_real_support,
+    model_structure,
+)
 from pyro_nlme.model.convention import OBSERVED_SITE
 
 
@@ -404,9 +408,7 @@ def _median(fn, dtype: torch.dtype) -> torch.Tensor:
     """A distribution's median where ``icdf`` is available, else its mean, else the median of
     prior draws."""
     shape = fn.batch_shape + fn.event_shape
-    inner = fn
-    while isinstance(inner, Independent | MaskedDistribution | ExpandedDistribution):
-        inner = inner.base_dist
+    inner = base_distribution(fn)
     try:
         half = torch.full(inner.batch_shape + inner.event_shape, 0.5, dtype=dtype)
         return inner.icdf(half).to(dtype).expand(shape)
