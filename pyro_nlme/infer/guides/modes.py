@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -29,6 +30,19 @@ from pyro_nlme.infer.guides.pooled import minimize_lbfgs
 from pyro_nlme.infer.util import ModelStructure, is_real_support
 
 
+class Anchor(NamedTuple):
+    """Where an individual site's guide factor starts, per variety: each ``[V, *shape]`` on the
+    site's unconstrained scale."""
+
+    loc: torch.Tensor
+    """The conditional mode."""
+    sd: torch.Tensor
+    """The Laplace SD given the population, ``sqrt(diag(H_v^-1))``; NaN where the variety's
+    block ``H_v`` of the Hessian is not positive definite."""
+    precision: torch.Tensor
+    """The conditional precision of each coordinate given all the others, ``diag(H_v)``."""
+
+
 def conditional_modes(
     model: Callable,
     data: NLMEData,
@@ -36,7 +50,7 @@ def conditional_modes(
     init_loc_fn: Callable,
     model_kwargs: dict | None = None,
     max_iter: int = 200,
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Anchor]]:
     """Joint mode of the individual-level latents and the real-valued population-level ones,
     the other population sites (scales, probabilities, ...) held at ``init_loc_fn``'s values:
     L-BFGS on ``-log p(y, free latents | held ones)`` over the free sites' unconstrained
@@ -47,9 +61,9 @@ def conditional_modes(
     :param init_loc_fn: initial values of every site (e.g. pooled estimates for the population,
         prior medians for the rest).
     :returns: the population modes (constrained values, for the guide's initial locations) and
-        per individual site its mode on the unconstrained scale and its Laplace SD there (given
-        the population, :func:`_laplace_sd`), each ``[V, *shape]`` over all ``V`` varieties of
-        ``data``; both empty if the fit fails (a non-finite density at the start,
+        per individual site its :class:`Anchor` (mode, Laplace SD and conditional precision on
+        the unconstrained scale, given the population, :func:`_laplace`) over all ``V``
+        varieties of ``data``; both empty if the fit fails (a non-finite density at the start,
         or a final density below the start).
     """
     model_kwargs = dict(model_kwargs or {})
@@ -92,22 +106,23 @@ def conditional_modes(
         return {}, {}
     population_modes = {name: transforms[name](free[name]).detach() for name in population}
     individual = {name: free[name] for name in structure.individual}
-    laplace_sd = _laplace_sd(individual, negative_log_density)
-    individual_modes = {name: (u.detach(), laplace_sd[name]) for name, u in individual.items()}
-    return population_modes, individual_modes
+    laplace = _laplace(individual, negative_log_density)
+    anchors = {name: Anchor(u.detach(), *laplace[name]) for name, u in individual.items()}
+    return population_modes, anchors
 
 
-def _laplace_sd(
+def _laplace(
     individual: dict[str, torch.Tensor], loss_fn: Callable[[], torch.Tensor]
-) -> dict[str, torch.Tensor]:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per variety, the SDs of the Laplace approximation of its individual latents given the
     population (``sqrt(diag(H_v^-1))``, ``H_v`` the ``[D, D]`` Hessian of ``loss_fn`` in that
-    variety's ``D`` unconstrained values). The varieties are conditionally independent, so
-    ``H`` is block-diagonal and ``D`` Hessian-vector products (a unit vector in the same
-    coordinate of every variety) give all ``V`` blocks. NaN where a block is not positive
-    definite.
+    variety's ``D`` unconstrained values; NaN where a block is not positive definite) and the
+    coordinates' conditional precisions (``diag(H_v)``). The varieties are conditionally
+    independent, so ``H`` is block-diagonal and ``D`` Hessian-vector products (a unit vector
+    in the same coordinate of every variety) give all ``V`` blocks.
 
-    :returns: per site ``[V, *shape]``, the shape of its unconstrained values.
+    :returns: per site the SDs and the precisions, each ``[V, *shape]``, the shape of its
+        unconstrained values.
     """
     if not individual:
         return {}
@@ -129,8 +144,14 @@ def _laplace_sd(
     factor, failed = torch.linalg.cholesky_ex(hessian)
     variance = torch.cholesky_inverse(factor).diagonal(dim1=-2, dim2=-1)
     sd = torch.where((failed == 0)[:, None], variance.sqrt(), torch.nan)
-    blocks = sd.split(widths, dim=-1)
+    blocks = zip(
+        sd.split(widths, dim=-1),
+        hessian.diagonal(dim1=-2, dim2=-1).split(widths, dim=-1),
+        strict=True,
+    )
     return {
-        name: block.reshape(tensor.shape)
-        for (name, tensor), block in zip(individual.items(), blocks, strict=True)
+        name: (sd_block.reshape(tensor.shape), precision_block.reshape(tensor.shape))
+        for (name, tensor), (sd_block, precision_block) in zip(
+            individual.items(), blocks, strict=True
+        )
     }

@@ -96,6 +96,25 @@ def test_coupling_gives_the_exact_posterior_sd_of_a_population_mean(intercept_da
         assert fitted_sd < 0.5 * exact_sd
 
 
+def test_population_terms_are_scaled_by_the_prior_share_of_precision(intercept_data):
+    """Each effect's share is its prior precision over its conditional precision at the anchor,
+    ``1 / (1 + n_v EFFECT_SD^2 / NOISE_SD^2)`` here (the log density is quadratic): the slope
+    of its exact conditional posterior mean in its prior mean."""
+    from pyro.infer.autoguide import init_to_median
+
+    from pyro_nlme.infer.guides import AmortizedGuide
+    from pyro_nlme.infer.guides.modes import conditional_modes
+    from pyro_nlme.infer.util import model_structure
+
+    structure = model_structure(random_intercept, intercept_data)
+    _, anchors = conditional_modes(random_intercept, intercept_data, structure, init_to_median)
+    guide = AmortizedGuide(random_intercept, intercept_data, structure, anchors=anchors)
+    share = guide.reference(intercept_data, {}).prior_share["effect"]
+    n = intercept_data.mask.reshape(intercept_data.n_varieties, -1).sum(-1)
+    expected = 1 / (1 + n * EFFECT_SD**2 / NOISE_SD**2)
+    torch.testing.assert_close(share.flatten(), expected.to(share.dtype), rtol=1e-4, atol=0)
+
+
 def test_marker_features_span_every_linear_function_of_the_markers():
     """A linear layer on the marker features computes any ``Z w`` of the standardised dosages
     (``Z w`` lies in their column span, to float64 rounding), and they have unit mean square

@@ -55,7 +55,8 @@ def unbalanced_data():
 def test_modes_and_laplace_sds_are_the_penalised_least_squares_solution(unbalanced_data):
     """With ``noise_sd`` held at 0.7 the log density is quadratic in ``(mean, level)``: the joint
     mode solves a linear system, and each variety's Laplace SD given ``mean`` is
-    ``(n_v / noise_sd^2 + 1 / EFFECT_SD^2)^(-1/2)``."""
+    ``(n_v / noise_sd^2 + 1 / EFFECT_SD^2)^(-1/2)``, its conditional precision the inverse
+    square."""
     noise_sd = 0.7
     structure = model_structure(centred_intercept, unbalanced_data)
     init = init_to_value(values={"noise_sd": torch.tensor(noise_sd)}, fallback=init_to_prior_median)
@@ -76,10 +77,13 @@ def test_modes_and_laplace_sds_are_the_penalised_least_squares_solution(unbalanc
 
     assert set(population) == {"mean"} and set(individual) == {"level"}
     assert population["mean"].item() == pytest.approx(exact[0].item(), abs=1e-4)
-    level, level_sd = individual["level"]
+    level, level_sd, level_precision = individual["level"]
     torch.testing.assert_close(level.double().flatten(), exact[1:], rtol=0, atol=1e-4)
     expected_sd = (n / noise_sd**2 + 1 / EFFECT_SD**2).rsqrt()
     torch.testing.assert_close(level_sd.double().flatten(), expected_sd, rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        level_precision.double().flatten(), expected_sd**-2, rtol=1e-4, atol=0
+    )
     # The variety without data sits at its conditional prior: mode = mean, SD = EFFECT_SD.
     assert level_sd.flatten()[-1].item() == pytest.approx(EFFECT_SD, rel=1e-4)
 
