@@ -14,8 +14,9 @@ Chain ``c`` is ``fit_nuts`` with one chain and seed ``seed + c`` (its own Laplac
 warm-up); each chain is written to ``<--save>.chain<c>.nc`` as soon as it ends, and
 ``--resume`` reuses the chains already written, so an interrupted run keeps its finished chains.
 
-Writes a row to ``docs/benchmarks/nuts_target_design.csv``; with ``--svi`` (netCDF of an SVI
-fit of the same data, e.g. from ``--fit-svi``) also ``docs/benchmarks/nuts_target_design.md``:
+Writes a row to ``docs/benchmarks/<--out>.csv``; with ``--svi`` (netCDF of an SVI fit of the
+same data, e.g. from ``--fit-svi``) also ``docs/benchmarks/<--out>.md`` (``--out`` defaults to
+``nuts_target_design``; ``nuts_small_design`` holds a 60-variety run):
 per population scalar, the difference of the SVI and NUTS posterior means in NUTS posterior SDs
 and the ratio of posterior SDs, beside the sampler's diagnostics. ESS per second divides by the
 whole fits' wall time (Laplace start, warm-up, draws and export of every chain).
@@ -263,6 +264,11 @@ def main() -> None:
     parser.add_argument(
         "--gradient-cost", action="store_true", help="only time a gradient of the density"
     )
+    parser.add_argument(
+        "--out",
+        default="nuts_target_design",
+        help="stem of the table files written to docs/benchmarks",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -357,7 +363,7 @@ def main() -> None:
         "min_ess_tail_per_s_population": float(table["ess_tail"].min() / wall),
         "median_ess_bulk_per_s_genetic_value": float(np.median(ess_genetic) / wall),
     }
-    _append(OUT / "nuts_target_design.csv", row)
+    _append(OUT / f"{args.out}.csv", row)
     print(history.to_string(index=False))
     print(table.to_string())
     print(pd.Series(row).to_string())
@@ -368,7 +374,7 @@ def main() -> None:
         variables = compare_with_svi(idata, svi)
         print(scalars.to_string())
         print(variables.to_string(index=False))
-        _write_markdown(OUT / "nuts_target_design.md", args, row, history, scalars, variables)
+        _write_markdown(OUT / f"{args.out}.md", args, row, history, scalars, variables)
 
 
 def _write_markdown(path: Path, args, row: dict, history, scalars, variables) -> None:
@@ -384,10 +390,11 @@ def _write_markdown(path: Path, args, row: dict, history, scalars, variables) ->
             if args.noncentred_sites
             else ""
         )
-        + f"--threads {args.threads} --save PREFIX --svi {args.svi.name}"
+        + f"--threads {args.threads} --save PREFIX --svi {args.svi.name} --out {args.out}"
     )
     lines = [
-        "# NUTS on the simulated target design, and SVI against it",
+        f"# NUTS on a simulated design ({args.varieties} varieties, {args.markers} markers), "
+        "and SVI against it",
         "",
         f"Command: `{command}` (the SVI fit: the same command with `--fit-svi {args.svi.name}` "
         f"instead of the NUTS options: {SVI_SETTINGS}, noncentred_sites genetic_value_component, "

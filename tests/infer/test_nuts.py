@@ -290,14 +290,7 @@ def small_design():
     return load_data(sim.phenotypes, markers=sim.genotype_table()), sim.truth
 
 
-@pytest.mark.slow
-@pytest.mark.skip(
-    reason="open (issue 4): not run to completion. Measured with 2 chains x (200 + 300) "
-    "(benchmarks/nuts_coverage.py, seeds 0-1, load 4 on 2 cores, 400-450 s a fit): centred "
-    "0 and 13 divergences, genetic components non-centred 0 on seed 1; population r_hat "
-    "1.016 to 1.027 (bulk ESS 69 to 220 of 600): r_hat <= 1.01 needs about 3 times the "
-    "draws, 20+ min a fit at that load (docs/nuts.md)"
-)
+@pytest.mark.extended
 def test_small_simulated_design_centred_kinship_form_converges_and_covers_truth(small_design):
     """6 varieties x 3 scenarios x 21 days, centred kinship form sampled as written except the
     genetic values' eigen-components: each curve is pinned by its 21 days, so the centred curve
