@@ -94,6 +94,10 @@ class SVIConfig:
     :param coupling: in the amortised guide, let the individual locations depend linearly on
         the population-level draws (:class:`~pyro_nlme.infer.guides.AmortizedGuide`); without
         it the posterior SDs of population means come out several times too small.
+    :param correlated_events: in the amortised guide, a full covariance over each cell of a
+        site's event dim (a plant's curve parameters) instead of a diagonal one
+        (:class:`~pyro_nlme.infer.guides.AmortizedGuide`): individual-level posterior SDs
+        near NUTS's, but a random-effect SD biased (docs/svi.md).
     :param noncentred_sites: latent sites with a location-scale prior fitted non-centred
         (besides per-marker effects, always): a weakly informed level in a model whose other
         levels are better centred, ``("genetic_value_component",)`` for ``g2was`` in the
@@ -136,6 +140,7 @@ class SVIConfig:
     resume: bool = False
     rank: int | None = None
     coupling: bool = True
+    correlated_events: bool = False
     noncentred_sites: tuple[str, ...] = ()
     marker_updates: str = "gradient"
     cavi_every: int = 10
@@ -310,6 +315,7 @@ def fit_svi(
                 "use_markers": config.encoder_markers,
                 "coupled_sites": summary_sites(model, structure) if config.coupling else (),
                 "anchors": anchors,
+                "correlated_events": config.correlated_events,
             }
             if config.guide == "amortized"
             else {}
