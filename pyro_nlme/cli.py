@@ -123,6 +123,7 @@ def command_fit(args: argparse.Namespace) -> int:
             lr_decay_steps=args.lr_decay_steps,
             noncentred_sites=tuple(args.noncentred_sites),
             marker_updates=args.marker_updates,
+            correlated_events=args.correlated_events,
             num_draws=args.draws,
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
@@ -277,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="gradient",
         help="cavi: spike-and-slab marker effects by coordinate ascent (--guide normal, "
         "--parametrization centred)",
+    )
+    svi.add_argument(
+        "--correlated-events",
+        action="store_true",
+        help="amortised guide: a full covariance over each plant's (each cell's) curve "
+        "parameters (docs/svi.md: closer individual-level SDs, a biased plant SD)",
     )
     svi.add_argument("--draws", type=int, default=200, help="posterior draws to export")
     svi.add_argument("--checkpoint", help="checkpoint file (written every --checkpoint-every)")

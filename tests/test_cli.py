@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
                 "4",
                 "--max-steps",
                 "20",
+                "--correlated-events",
                 "--draws",
                 "5",
                 "--no-progress",
@@ -136,6 +138,8 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
         )
         == 0
     )
+    settings = json.loads(az.from_netcdf(str(marker_fit)).posterior.attrs["settings"])
+    assert settings["correlated_events"] is True
     assert "scenario_mean[well_watered, log_asymptote]" in capsys.readouterr().out
     prediction = tmp_path / "prediction.nc"
     assert (
