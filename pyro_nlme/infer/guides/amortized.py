@@ -68,6 +68,7 @@ class VarietyEncoder(nn.Module):
     ):
         super().__init__()
         self.output_dim = output_dim
+        self.n_correlations = n_correlations
         self.marker_layer = (
             nn.Linear(n_marker_features, marker_hidden) if n_marker_features else None
         )
@@ -92,7 +93,7 @@ class VarietyEncoder(nn.Module):
             hidden.append(torch.nn.functional.elu(self.marker_layer(markers)))
         out = self.head(torch.cat(hidden, -1))
         loc, raw_scale, correlations = out.split(
-            [self.output_dim, self.output_dim, out.shape[-1] - 2 * self.output_dim], -1
+            [self.output_dim, self.output_dim, self.n_correlations], -1
         )
         return loc, torch.nn.functional.softplus(raw_scale) + 1e-4, correlations
 
@@ -173,17 +174,21 @@ class _SiteLayout:
 
 
 def _cholesky_factor(
-    scale: torch.Tensor, coefficients: torch.Tensor, unit: torch.Tensor, layout: _SiteLayout
+    scale: torch.Tensor,
+    coefficients: torch.Tensor,
+    unit: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
 ) -> torch.Tensor:
     """``[..., k, k]``: the lower-triangular factor ``L`` of one cell's ``k`` coordinates,
     ``L_ii = scale_i`` and ``L_ij = coefficient_ij * unit_i / unit_j * scale_j`` below the
     diagonal: coordinate ``i`` regresses on the draws of the coordinates before it, in their
     units, with conditional SD ``scale_i``.
 
-    :param scale: ``[..., k]``; ``coefficients`` ``[..., k (k - 1) / 2]``; ``unit`` the
-        coordinates' units, broadcastable to ``scale``.
+    :param scale: ``[..., k]``; ``coefficients`` ``[..., k (k - 1) / 2]``, the entries
+        ``(rows, cols)`` of the strict lower triangle; ``unit`` the coordinates' units,
+        broadcastable to ``scale``.
     """
-    rows, cols = layout.tril_rows, layout.tril_cols
     unit = unit.expand_as(scale)
     below = coefficients * unit[..., rows] / unit[..., cols] * scale[..., cols]
     lower = scale.new_zeros(scale.shape + scale.shape[-1:])
@@ -427,7 +432,8 @@ class AmortizedGuide(PyroModule):
                             site_scale,
                             correlations[:, correlation_block].reshape(shape[:-1] + (-1,)),
                             reference.unit[layout.name],
-                            layout,
+                            layout.tril_rows,
+                            layout.tril_cols,
                         ),
                     )
                 else:
