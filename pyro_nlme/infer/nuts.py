@@ -454,8 +454,17 @@ def fit_nuts(
         population table (mean, SD, 90% HDI, bulk and tail ESS, R-hat), one history row per
         chain (wall time, leapfrog steps, step size, acceptance, divergences, tree depth) and
         warnings on divergences, R-hat above 1.01 and saturated trees.
+
+    The chains run with ``config.device`` as torch's default device, so the constants a model
+    creates without one (a prior's float parameters) live where its data do.
     """
-    model_kwargs = dict(model_kwargs or {})
+    with torch.device(config.device):
+        return _fit_nuts(model, data, config, model_name, dict(model_kwargs or {}))
+
+
+def _fit_nuts(
+    model: Callable, data: NLMEData, config: NUTSConfig, model_name: str | None, model_kwargs: dict
+) -> FitResult:
     data = data.to(config.device)
     structure = model_structure(model, data, **model_kwargs)
     extra = tuple(config.noncentred_sites)

@@ -92,7 +92,9 @@ class ChainStart:
 
     def draw(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One draw of every site, constrained (``init_to_value`` values): a chain's start."""
-        noise = torch.randn(self.loc.shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(
+            self.loc.shape, generator=generator, dtype=torch.float64, device=generator.device
+        )
         noise = noise.to(self.loc)
         if self.covariance.dim() == 1:
             flat = self.loc + self.covariance.sqrt() * noise

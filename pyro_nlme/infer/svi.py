@@ -266,10 +266,19 @@ def fit_svi(
 ) -> FitResult:
     """Fit ``model`` to ``data`` by SVI and export the fitted guide's draws.
 
+    The fit runs with ``config.device`` as torch's default device, so the constants a model
+    creates without one (a prior's float parameters) live where its data do.
+
     :raises NonFiniteError: on a non-finite loss or gradient (the last finite state is saved
         to ``checkpoint_path`` when one is given).
     """
-    model_kwargs = dict(model_kwargs or {})
+    with torch.device(config.device):
+        return _fit_svi(model, data, config, model_name, dict(model_kwargs or {}))
+
+
+def _fit_svi(
+    model: Callable, data: NLMEData, config: SVIConfig, model_name: str | None, model_kwargs: dict
+) -> FitResult:
     data = data.to(config.device)
     batch_size = config.batch_size
     if batch_size is not None and batch_size >= data.n_varieties:

@@ -96,12 +96,16 @@ def relationship_factor(relationship: torch.Tensor) -> torch.Tensor:
     the ``j``-th eigen-direction of ``K`` (ascending eigenvalues), so a non-centred latent
     ``raw[j]`` is one principal component of the genetic values: with similar information on
     every variety these are nearly independent a posteriori, which suits a diagonal mass
-    matrix.
+    matrix. Each direction's sign is fixed (its largest entry in absolute value is positive):
+    ``eigh`` leaves it to the LAPACK or CUDA solver, and a latent component must mean the same
+    on every device.
 
     :param relationship: ``[V, V]`` symmetric positive semi-definite.
     :returns: ``[V, V]``, same dtype and device.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(relationship)
+    largest = eigenvectors.abs().argmax(dim=0, keepdim=True)
+    eigenvectors = eigenvectors * eigenvectors.gather(0, largest).sign()
     return eigenvectors * eigenvalues.clamp(min=0).sqrt()
 
 

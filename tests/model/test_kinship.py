@@ -76,6 +76,24 @@ def test_factor_is_an_exact_square_root_of_a_singular_relationship():
     torch.testing.assert_close(factor @ factor.T, relationship, rtol=0, atol=1e-12)
 
 
+def test_factor_is_the_same_whatever_signs_the_solver_picks(monkeypatch):
+    """Eigenvector signs are the solver's choice (LAPACK and CUDA differ): the factor fixes
+    them, so a solver returning every other eigenvector negated gives the same factor."""
+    relationship = genomic_relationship(make_markers())
+    factor = relationship_factor(relationship)
+    kept = factor.norm(dim=0) > 1e-6
+    largest = factor[:, kept].abs().argmax(dim=0)
+    assert (factor[:, kept].gather(0, largest[None]) > 0).all()
+    eigh = torch.linalg.eigh
+
+    def flipping_eigh(matrix):
+        values, vectors = eigh(matrix)
+        return values, vectors * torch.where(torch.arange(len(values)) % 2 == 0, 1.0, -1.0)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipping_eigh)
+    torch.testing.assert_close(relationship_factor(relationship), factor, rtol=0, atol=0)
+
+
 def linear_gaussian_toy(markers: GenotypeMatrix, form: str, y: torch.Tensor) -> None:
     """``y[v, k] ~ Normal(g[v, k], NOISE_SD)`` with genetic values from the effects form
     (``priors.marker_effects``, as ``g2was`` samples them) or the kinship form
