@@ -154,21 +154,24 @@ def gradient_cost(
 
     from pyro_nlme.infer.nuts_init import init_to_prior_median
 
-    params, potential_fn, _, _ = initialize_model(
-        reparametrised(model, list(sites)),
-        model_args=(data,),
-        model_kwargs=model_kwargs,
-        init_strategy=init_to_prior_median,
-        jit_compile=True,
-        skip_jit_warnings=True,
-    )
-    point = {name: value.detach().requires_grad_() for name, value in params.items()}
-    times = []
-    for i in range(repeats + 3):
-        start = time.perf_counter()
-        torch.autograd.grad(potential_fn(point), list(point.values()))
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+    with torch.device(data.device):  # as fit_nuts: a prior's float constants on data's device
+        params, potential_fn, _, _ = initialize_model(
+            reparametrised(model, list(sites)),
+            model_args=(data,),
+            model_kwargs=model_kwargs,
+            init_strategy=init_to_prior_median,
+            jit_compile=True,
+            skip_jit_warnings=True,
+        )
+        point = {name: value.detach().requires_grad_() for name, value in params.items()}
+        times = []
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            torch.autograd.grad(potential_fn(point), list(point.values()))
+            if data.device.type == "cuda":
+                torch.cuda.synchronize(data.device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
     return {
         "latent_scalars": int(sum(value.numel() for value in params.values())),
         "s_per_gradient": float(np.median(times)),

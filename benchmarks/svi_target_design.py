@@ -78,6 +78,7 @@ def one_fit(args) -> dict:
         seed=args.seed,
         progress=False,
         num_draws=args.draws,
+        device=args.device,
     )
     started = time.perf_counter()
     model_kwargs = {"marker_form": args.marker_form, "parametrization": args.parametrization}
@@ -106,6 +107,9 @@ def one_fit(args) -> dict:
         "stopped_by": "plateau" if len(result.history) < args.max_steps else "budget",
         "steps_per_s": len(result.history) / result.history["seconds"].iloc[-1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": torch.cuda.max_memory_allocated(args.device) / 2**20
+        if args.device.startswith("cuda")
+        else None,
         "curve_r2": float(r2),
         "scenario_mean_coverage_90": float(covered.mean()),
         "scenario_means_covered": f"{int(covered.sum())}/{covered.size}",
@@ -232,6 +236,7 @@ def main() -> None:
     parser.add_argument(
         "--noncentred-sites", nargs="*", default=["genetic_value_component"], metavar="SITE"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -259,6 +264,8 @@ def main() -> None:
         args.marker_form,
         "--parametrization",
         args.parametrization,
+        "--device",
+        args.device,
         "--noncentred-sites",
         *args.noncentred_sites,
     ]
@@ -305,7 +312,7 @@ def main() -> None:
             else "."
         ),
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads; versions: {json.dumps(package_versions())}",
+        f"threads, device {args.device}; versions: {json.dumps(package_versions())}",
         "",
         f"Amortised guide, median of {len(amortized)} runs: wall "
         f"{amortized['wall_s'].median():.0f} s, {amortized['steps_per_s'].median():.1f} "
