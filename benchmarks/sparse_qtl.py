@@ -119,6 +119,12 @@ def main() -> None:
         help="spike-and-slab priors: marker effects by coordinate ascent or by Adam",
     )
     parser.add_argument("--out", default="docs/sparse_qtl_benchmark.md")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of other seeds in the CSV beside --out (a run with the same "
+        "settings: the table is written for every seed)",
+    )
     args = parser.parse_args()
     # On a shared 2-core machine torch's two intra-op threads made a step 10x slower than one.
     torch.set_num_threads(args.threads)
@@ -142,9 +148,13 @@ def main() -> None:
         num_draws=args.draws,
         progress=False,
     )
-    rows = []
+    rows, earlier = [], pd.DataFrame()
+    if args.append:
+        earlier = pd.read_csv(Path(args.out).with_suffix(".csv"))
+        earlier = earlier[~earlier["seed"].isin(args.seeds)]
+        args.seeds = sorted({*earlier["seed"], *args.seeds})
     started = time.perf_counter()
-    for seed in args.seeds:
+    for seed in sorted(set(args.seeds) - set(earlier.get("seed", []))):
         dataset = simulate_design(config, seed=seed)
         data = load_data(dataset.phenotypes, markers=dataset.genotype_table())
         order = [data.variety_ids.index(v) for v in dataset.variety_ids]
@@ -162,14 +172,22 @@ def main() -> None:
             for row in score(prior, fit, dataset, data, args.ld_window):
                 rows.append({"seed": seed, "wall_s": wall, **row})
             print(pd.DataFrame(rows).tail(3).to_string(), flush=True)
-        write(pd.DataFrame(rows), args, config, svi, time.perf_counter() - started)
+        table = pd.concat([earlier, pd.DataFrame(rows)], ignore_index=True)
+        write(
+            table.sort_values("seed", kind="stable"),
+            args,
+            config,
+            svi,
+            time.perf_counter() - started,
+        )
 
 
 def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total: float):
     out = Path(args.out)
     table.to_csv(out.with_suffix(".csv"), index=False)
     metrics = ["power_exact", "power_ld", "false_top50", "r_heldout", "gsd_ratio"]
-    summary = table.groupby(["prior", "curve_parameter"], sort=False)[metrics].mean()
+    grouped = table.groupby(["prior", "curve_parameter"], sort=False)[metrics]
+    summary = grouped.mean().join(grouped.sem(), rsuffix="_se")
     lines = [
         "# Sparse-QTL benchmark",
         "",
@@ -187,11 +205,13 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
         f"SVI: mean-field guide ({args.parametrization} g2was; spike-and-slab effects by "
         f"{'coordinate ascent' if args.marker_updates == 'cavi' else 'Adam'}), "
         f"{svi.max_steps} steps, batch {svi.batch_size or 'all'}, "
-        f"lr {svi.lr} -> {svi.lr_final}, {svi.num_draws} draws. Total wall time {total:.0f} s.",
+        f"lr {svi.lr} -> {svi.lr_final}, {svi.num_draws} draws. Wall time of this run "
+        f"{total:.0f} s"
+        + (" (seeds kept from an earlier run: see wall_s)." if args.append else "."),
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; "
         f"versions: {json.dumps(package_versions())}",
         "",
-        "Mean over seeds:",
+        "Mean over seeds (`_se`: its standard error, the SD over seeds / sqrt(seeds)):",
         "",
         markdown_table(summary.reset_index()),
         "",
@@ -200,6 +220,9 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
         markdown_table(table),
         "",
     ]
+    notes = out.read_text().partition("\n## Notes")[2] if out.exists() else ""
+    if notes:  # written by hand below the tables: kept
+        lines.append("## Notes" + notes.rstrip("\n") + "\n")
     out.write_text("\n".join(lines))
 
 

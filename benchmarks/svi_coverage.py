@@ -1,0 +1,169 @@
+"""Coverage of SVI's 90% intervals (amortised guide) on simulated designs, over repeated seeds.
+
+For each seed: simulate a design (by default the 60-variety design of the slow recovery test
+and of ``docs/benchmarks/nuts_small_design.md``: 60 varieties x 3 scenarios x 2 plants x 21
+days, 500 markers), fit ``g2was`` in the centred kinship form by SVI with the README's settings
+(amortised guide anchored at conditional modes, the genetic values' eigen-components
+non-centred, lr 0.02 decaying over 2,500 steps, plateau rule), and check whether the
+equal-tailed 90% interval of each target covers the simulator's value:
+
+- every plant's curve parameters (``individual_parameter`` of the truth), all together and per
+  curve parameter;
+- the 9 scenario means; the genetic, variety x scenario and plant SDs (3 each); the noise SD.
+
+Population-level truths are the simulator's parameters, not draws from the model's prior, so
+calibrated intervals cover them at about the nominal rate only to the extent that the data
+dominate the prior (60 varieties: the SDs of the variety-level effects are estimated to about
+10%). Monte-Carlo errors as in ``benchmarks/nuts_coverage.py`` (binomial, and clustered by
+seed: the honest one). Writes ``docs/benchmarks/svi_coverage.{csv,md}`` after every seed;
+``--resume`` keeps the seeds already there.
+
+    OMP_NUM_THREADS=1 python benchmarks/svi_coverage.py --seeds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from nuts_coverage import covered, curve_parameters, markdown_table, summarise
+
+from pyro_nlme.data import load_data
+from pyro_nlme.export import package_versions
+from pyro_nlme.infer.svi import SVIConfig, fit_svi
+from pyro_nlme.simulate import DesignConfig, simulate_design
+from pyro_nlme_models.g2was import g2was
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+POPULATION = ("scenario_mean", "genetic_sd", "variety_scenario_sd", "plant_sd", "noise_sd")
+"""Population sites scored, as named in the truth and in the posterior."""
+
+
+def aligned(truth: xr.DataArray, draws: xr.DataArray) -> np.ndarray:
+    """``truth`` on the labels and in the dim order of ``draws`` (less chain and draw)."""
+    dims = draws.dims[2:]
+    return truth.sel({dim: draws[dim].values for dim in dims}).transpose(*dims).values
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
+    design = DesignConfig(
+        n_varieties=args.varieties,
+        n_markers=args.markers,
+        n_plants=args.plants,
+        n_days=args.days,
+    )
+    sim = simulate_design(design, seed=seed)
+    data = load_data(sim.phenotypes, markers=sim.genotype_table())
+    config = SVIConfig(
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        lr_decay_steps=args.lr_decay_steps,
+        noncentred_sites=("genetic_value_component",),
+        num_draws=args.draws,
+        seed=seed,
+        progress=False,
+    )
+    start = time.perf_counter()
+    fit = fit_svi(
+        g2was, data, config, model_kwargs={"marker_form": "kinship", "parametrization": "centred"}
+    )
+    posterior = fit.inference_data.posterior
+    common = {"seed": seed, "wall_s": time.perf_counter() - start, "steps": len(fit.history)}
+    phi = curve_parameters(posterior)
+    inside = covered(phi, aligned(sim.truth["individual_parameter"], phi))
+    present = np.broadcast_to(data.plant_mask.numpy()[..., None], inside.shape)
+    rows = [
+        {
+            **common,
+            "target": "plant curve parameters",
+            "n": int(present.sum()),
+            "covered": int(inside[present].sum()),
+        }
+    ]
+    for k, name in enumerate(phi["curve_parameter"].values):
+        hits = inside[..., k][present[..., k]]
+        rows.append({**common, "target": str(name), "n": hits.size, "covered": int(hits.sum())})
+    for name in POPULATION:
+        hits = covered(posterior[name], aligned(sim.truth[name], posterior[name]))
+        rows.append({**common, "target": name, "n": hits.size, "covered": int(hits.sum())})
+    return rows
+
+
+def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
+    per_fit = frame.groupby("seed")[["wall_s", "steps"]].first()
+    command = (
+        f"OMP_NUM_THREADS={args.threads} python benchmarks/svi_coverage.py --seeds {args.seeds} "
+        f"--first-seed {args.first_seed} --varieties {args.varieties} --markers {args.markers} "
+        f"--plants {args.plants} --days {args.days} --batch-size {args.batch_size} "
+        f"--max-steps {args.max_steps} --lr {args.lr} --lr-decay-steps {args.lr_decay_steps} "
+        f"--draws {args.draws} --threads {args.threads}"
+    )
+    by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
+    return "\n".join(
+        [
+            "# SVI 90% interval coverage on simulated designs (amortised guide)",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"g2was, centred kinship form; {per_fit.shape[0]} seed(s); nominal 90% equal-tailed "
+            f"intervals from {args.draws} draws of the fitted guide. Steps to the plateau "
+            f"rule: median {per_fit['steps'].median():.0f} (range {per_fit['steps'].min()}-"
+            f"{per_fit['steps'].max()}); wall time per fit: median "
+            f"{per_fit['wall_s'].median():.0f} s on {args.threads} thread(s). Versions: "
+            f"{json.dumps(package_versions())}",
+            "",
+            markdown_table(summarise(frame)),
+            "",
+            "Intervals covered per seed:",
+            "",
+            markdown_table(by_seed.reset_index()),
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--varieties", type=int, default=60)
+    parser.add_argument("--markers", type=int, default=500)
+    parser.add_argument("--plants", type=int, default=2)
+    parser.add_argument("--days", type=int, default=21)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--max-steps", type=int, default=7500)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr-decay-steps", type=int, default=2500)
+    parser.add_argument("--draws", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="keep the seeds already written")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    csv = OUT / "svi_coverage.csv"
+    rows = pd.read_csv(csv).to_dict("records") if args.resume and csv.exists() else []
+    done = {row["seed"] for row in rows}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if seed in done:
+            continue
+        rows += run_seed(seed, args)
+        frame = pd.DataFrame(rows)
+        frame.to_csv(csv, index=False)
+        (OUT / "svi_coverage.md").write_text(report_markdown(frame, args))
+        latest = frame[frame["seed"] == seed]
+        print(
+            f"seed {seed}: "
+            + ", ".join(f"{r.target} {r.covered}/{r.n}" for r in latest.itertuples())
+            + f"; {latest['wall_s'].iloc[0]:.0f} s, {latest['steps'].iloc[0]} steps",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
