@@ -24,7 +24,9 @@ Step sizes: ``gamma_k = 1`` for the first ``K1`` iterations (exploration; saemix
 ``gamma_k = 1 / (k - K1 + 1)`` for ``K2`` iterations (``nbiter.saemix[2]``). The kernel scales
 adapt during the first phase only.
 
-After the iterations, an E-step run at the estimate (``conditional_iterations`` sweeps) gives
+With marker effects integrated out (:mod:`.field`), ``genetic_sweeps`` further E-step and Gibbs
+sweeps at the estimate give the genetic block's information (the genetic SDs' SEs). After the
+iterations, an E-step run at the estimate (``conditional_iterations`` sweeps) gives
 the conditional means and covariances (the importance-sampling proposal) and the conditional
 samples that are exported; then the importance-sampling log-likelihood, Louis' information
 (:mod:`.fisher`) and the conditional modes.
@@ -74,6 +76,9 @@ class SAEMConfig:
     :param conditional_iterations: E-step sweeps at the estimate for the conditional moments
         (the importance proposal) and the exported conditional samples.
     :param draws: conditional draws kept per chain for the export.
+    :param genetic_sweeps: with marker effects integrated out (:mod:`.field`), E-step and
+        Gibbs sweeps at the estimate whose latents give the genetic block's information, hence
+        the genetic SDs' SEs (0: none, and no SE for them).
     :param seed: seeds torch's generator for the whole fit (the global state is restored).
     :param device: ``"cpu"`` only (see :func:`check_device`).
     :param progress: show a progress bar.
@@ -96,6 +101,7 @@ class SAEMConfig:
     fisher_samples: int = 2048
     conditional_iterations: int = 200
     draws: int = 100
+    genetic_sweeps: int = 200
     init: Mapping[str, object] | None = field(default=None, hash=False)
     jit: bool = False
 
@@ -103,7 +109,8 @@ class SAEMConfig:
 class SAEMRun(NamedTuple):
     """The iterations' outcome: the estimate (unconstrained ``theta``), the history of the
     reported parameters (one row per iteration), the E-step state and, with a marker field,
-    the stochastic approximation of ``E[g | y]`` ``[V, K]`` (:mod:`.field`)."""
+    the stochastic approximation of ``E[g | y]`` ``[V, K]`` and the genetic block's information
+    (:mod:`.field`)."""
 
     theta: torch.Tensor
     history: pd.DataFrame
@@ -111,6 +118,7 @@ class SAEMRun(NamedTuple):
     plan: mstep.Plan
     seconds: float
     genetic: torch.Tensor | None = None
+    genetic_information: marker_field.GeneticInformation | None = None
 
 
 def check_device(device: str) -> None:
@@ -209,11 +217,25 @@ def run_saem(
         bar.close()
     frame = pd.DataFrame(history, columns=report.labels)
     frame.index.name = "iteration"
-    genetic = None
+    genetic = information = None
     if markers is not None:
+        if config.genetic_sweeps:
+            draws = []
+            for _ in range(config.genetic_sweeps):
+                target = make_target(joint, theta, rows)
+                state, _ = e_step(state, target, config.kernel, adapt=False)
+                u = state.position
+                draw = marker_field.gibbs(
+                    markers, plan, joint, theta, joint.z_from_u(u, theta, rows), copies
+                )
+                joint.offset = marker_field.offset(markers, draw.values, joint.z_dim)
+                draws.append(u.reshape(copies, joint.n_varieties, -1))
+            information = marker_field.genetic_information(
+                markers, plan, joint, theta, torch.stack(draws, 1)
+            )
         genetic = stats["marker_field:mean"]
         state = marker_field.fix(joint, markers, state, genetic, copies)
-    return SAEMRun(theta, frame, state, plan, time.perf_counter() - start, genetic)
+    return SAEMRun(theta, frame, state, plan, time.perf_counter() - start, genetic, information)
 
 
 @torch.no_grad()
@@ -305,6 +327,7 @@ def fit_saem_with_run(
             seconds=run.seconds,
             model_name=model_name,
             genetic=run.genetic,
+            genetic_information=run.genetic_information,
         )
     return result, joint, run
 

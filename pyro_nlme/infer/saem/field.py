@@ -29,18 +29,34 @@ engine works with ``g`` and never with a ``p x p`` system:
 While the engine runs, the model is evaluated with ``beta = 0`` on genotypes whose
 ``standardized_matmul`` returns zeros (:class:`PinnedGenotypes`), so that a density evaluation
 costs nothing per marker; the genetic values come in through the offset.
+
+**Standard errors of the genetic SDs.** The log-likelihood and Louis' information after the fit
+are conditional on the genetic values at ``E[g | y]`` (:mod:`.output`), where the genetic SDs
+are flat directions. Their SEs come from the *genetic block* instead: the genetic SDs, the SDs
+of the shifted effects and the location parameters of those effects. In ``log p(y, u; theta)``
+with ``g`` integrated out, these parameters enter only through the shifted effects' marginal
+density ``log p(x; theta)``, ``x = effects + g`` (:func:`marginal_log_density`), which is
+Gaussian and exact. Louis' identity with ``u`` as the missing data then gives the block's
+observed information with the other parameters held at their estimates:
+``E[-d2 log p(x)] - Cov[d log p(x)]`` over ``p(u | y)``. Its draws are the chains' latents over
+``genetic_sweeps`` further E-step and Gibbs sweeps at the estimate
+(:func:`genetic_information`). The draws are correlated, so the information carries a
+Monte-Carlo error; it is estimated by leaving one chain out at a time (jackknife over the
+independent chains).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from pyro.distributions import Normal
+from pyro.distributions import MultivariateNormal, Normal
 
 from pyro_nlme.data import GenotypeMatrix
+from pyro_nlme.infer.saem.derivatives import derivatives
 from pyro_nlme.infer.util import is_real_support
 from pyro_nlme.model.kinship import RANK_TOLERANCE, blup_marker_effects, genomic_relationship
 
@@ -326,3 +342,111 @@ def fix(joint, field: MarkerField, state, genetic: torch.Tensor, copies: int):
     u = state.position.reshape(copies, joint.n_varieties, -1) - joint.offset + fixed
     joint.offset = fixed
     return state._replace(position=u.reshape(copies * joint.n_varieties, -1))
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def marginal_log_density(field: MarkerField, plan, joint, theta: torch.Tensor, z: torch.Tensor):
+    """``[N]``: ``log p(x; theta)`` of the shifted effects plus genetic values ``x`` of ``z``
+    ``[N, V, D]`` (each row a draw of every variety's latents, locations removed) with the
+    genetic values integrated out.
+
+    Per curve parameter ``k``: ``x[v, s] = g[v] + e[v, s]``, ``e[v, s] ~ Normal(0, 1 / p[v, s])``
+    (``p`` from :func:`effect_precisions`, 0 where not scored) and ``g ~ Normal(0, sd_k ** 2
+    K)``. Through the precision-weighted variety means ``rbar_v = sum_s p x / P_v``, ``P_v =
+    sum_s p[v, s]``, the density factorises exactly::
+
+        sum_v [sum_s (log(p / 2 pi) - p (x - rbar_v) ** 2) / 2 - log(P_v / 2 pi) / 2]
+            + log Normal(rbar; 0, sd_k ** 2 K + diag(1 / P))
+
+    over the varieties with ``P_v > 0``; ``K`` is ``V x V``, so this costs one ``V x V``
+    Cholesky factorisation per curve parameter.
+    """
+    precision = effect_precisions(field, plan, joint, theta)  # [V, K, S]
+    sd = field_sd(field, joint, theta)
+    total = z.new_zeros(z.shape[0])
+    for k in range(field.z_index.shape[0]):
+        x = z[:, :, field.z_index[k]]  # [N, V, S]
+        p = precision[:, k]
+        scored, weight = p > 0, p.sum(-1)
+        seen = weight > 0
+        weight = torch.where(seen, weight, torch.ones_like(weight))
+        rbar = (x * p).sum(-1) / weight  # [N, V]
+        log_p = torch.where(scored, p, torch.ones_like(p)).log()
+        terms = 0.5 * (log_p - LOG_2PI) - 0.5 * p * (x - rbar[..., None]) ** 2
+        within = torch.where(scored, terms, torch.zeros_like(terms)).sum(-1)
+        normaliser = torch.where(seen, 0.5 * (weight.log() - LOG_2PI), torch.zeros_like(weight))
+        within = within - normaliser
+        factor = field.eigenvectors[seen].to(z)
+        covariance = sd[k] ** 2 * (factor * field.eigenvalues.to(z)) @ factor.T
+        covariance = covariance + torch.diag(1 / weight[seen])
+        mean = z.new_zeros(int(seen.sum()))
+        between = MultivariateNormal(mean, covariance_matrix=covariance).log_prob(rbar[:, seen])
+        total = total + within.sum(-1) + between
+    return total
+
+
+def genetic_block(field: MarkerField, plan, joint) -> torch.Tensor:
+    """``theta`` indices of the genetic block: the genetic SDs, the SDs of the shifted effects
+    and the location parameters that move those effects (module docs)."""
+    diagonal = next(g for g in plan.diagonal if g.site == field.effect_site)
+    shifted = torch.isin(diagonal.z_index, field.z_index.reshape(-1))
+    indices = [field.sd_index, diagonal.scale_index[shifted]]
+    if joint.shift is not None:
+        moving = torch.isin(joint.shift.z_index, field.z_index.reshape(-1))
+        indices.append(joint.shift.theta_index[moving])
+    return torch.unique(torch.cat(indices))
+
+
+class GeneticInformation(NamedTuple):
+    """Louis' observed information of the genetic block (module docs).
+
+    :param indices: ``[b]`` its ``theta`` indices (:func:`genetic_block`).
+    :param information: ``[b, b]`` on the unconstrained scale, from every chain's draws.
+    :param leave_one_chain_out: ``[C, b, b]`` the same without chain ``c`` (``[0, b, b]`` with
+        one chain).
+    :param n_draws: draws per chain.
+    """
+
+    indices: torch.Tensor
+    information: torch.Tensor
+    leave_one_chain_out: torch.Tensor
+    n_draws: int
+
+
+def genetic_information(
+    field: MarkerField, plan, joint, theta: torch.Tensor, draws: torch.Tensor
+) -> GeneticInformation:
+    """Louis' information of the genetic block from draws of the centred latents ``u``
+    ``[C, N, V, D]`` (``C`` chains, ``N`` sweeps each) of ``p(u | y, theta)``."""
+    indices = genetic_block(field, plan, joint)
+    n_chains, n_draws = draws.shape[:2]
+    origin = draws.new_zeros(draws.shape[-2:])
+    one_copy = joint.rows(1)
+    sums = []
+    for chain in draws:
+
+        def fn(t, chain=chain):
+            z = chain + joint.z_from_u(origin, t, one_copy)  # u minus the locations at t
+            return marginal_log_density(field, plan, joint, t, z), t.new_zeros(())
+
+        d = derivatives(fn, theta, indices)
+        score = d.jacobian  # [N, b]
+        sums.append((-d.hessian[:, indices], score.sum(0), score.T @ score))
+    neg_hessian, score, outer = (torch.stack(parts) for parts in zip(*sums, strict=True))
+
+    def louis(keep: torch.Tensor) -> torch.Tensor:
+        n = keep.sum() * n_draws
+        mean = score[keep].sum(0) / n
+        info = (neg_hessian[keep].sum(0) - outer[keep].sum(0)) / n + torch.outer(mean, mean)
+        return 0.5 * (info + info.T)
+
+    everything = torch.ones(n_chains, dtype=torch.bool)
+    full = louis(everything)
+    left_out = [
+        louis(everything.logical_xor(torch.arange(n_chains) == c))
+        for c in range(n_chains if n_chains > 1 else 0)
+    ]
+    left_out = torch.stack(left_out) if left_out else full.new_zeros((0,) + full.shape)
+    return GeneticInformation(indices, full, left_out, n_draws)

@@ -55,6 +55,7 @@ def finish(
     seconds: float,
     model_name: str | None,
     genetic: torch.Tensor | None = None,
+    genetic_information: field.GeneticInformation | None = None,
 ) -> FitResult:
     """Post-process an estimate (module docs).
 
@@ -64,6 +65,9 @@ def finish(
     :param genetic: with a marker field (:mod:`.field`), the estimated ``E[g | y]`` ``[V, K]``
         at which the genetic values are held: the log-likelihood, the SEs and the conditional
         samples are conditional on them, and the marker effects exported are their back-solve.
+    :param genetic_information: the genetic block's information
+        (:func:`.field.genetic_information`): the genetic SDs' SEs and their Monte-Carlo
+        errors come from it.
     """
     from pyro_nlme.infer.saem.algorithm import settings_of
 
@@ -101,6 +105,14 @@ def finish(
     estimate = report.fn(theta).detach()
     natural = fisher.natural_covariance(information, report.fn, theta, active)
     covariance = natural.covariance
+    se_mcse = torch.full((len(report.labels),), float("nan"), dtype=covariance.dtype)
+    without_se = natural.singular.clone()
+    if genetic_information is not None:
+        genetic_sd = _genetic_sd_positions(report.fn, theta, plan.marker_field)
+        variance, mcse = _genetic_sd_variances(genetic_information, report.fn, theta, genetic_sd)
+        covariance[genetic_sd, genetic_sd] = variance
+        se_mcse[genetic_sd] = mcse
+        without_se[genetic_sd] = variance.isnan()
     se = covariance.diagonal().clamp(min=0).sqrt()
     n_subjects = int(joint.data.phenotyped.sum())
     criteria = information_criteria(likelihood.minus_two, joint.n_parameters, n_subjects)
@@ -111,8 +123,8 @@ def finish(
         "a reduced covariance model (fewer random effects or correlations) avoids this"
         for site, smallest, *_ in boundary
     ]
-    if natural.n_null and natural.singular.any():
-        undefined = [label for label, s in zip(report.labels, natural.singular, strict=True) if s]
+    if natural.n_null and without_se.any():
+        undefined = [label for label, s in zip(report.labels, without_se, strict=True) if s]
         warnings.append(
             f"the Fisher information is not positive definite ({natural.n_null} direction(s) "
             "flat or of negative curvature: an estimate on the boundary or not yet at a maximum): "
@@ -153,8 +165,14 @@ def finish(
         population[plan.marker_field.site] = field.marker_effects(plan.marker_field, genetic)
         warnings.append(
             "marker effects are integrated out: -2LL, AIC, BIC and SEs are conditional on the "
-            "genetic values at their estimate E[g | y] (not the marginal likelihood), so the "
-            "genetic SDs have no SE there"
+            "genetic values at their estimate E[g | y] (not the marginal likelihood); the "
+            "genetic SDs' SEs come from the information of the genetic block with the genetic "
+            "values integrated out, the other parameters held at their estimates"
+            + (
+                f" (Monte-Carlo error of the SEs, jackknife over chains: {_listed(se_mcse)})"
+                if genetic_information is not None
+                else " (genetic_sweeps=0: none)"
+            )
         )
     samples = {
         name: value.expand((n_chains, n_draws) + value.shape).to(torch.float32)
@@ -167,6 +185,7 @@ def finish(
     point = _point_estimate(
         joint, report.labels, estimate, se, covariance, likelihood, criteria, history, mode_values
     )
+    point["se_mcse"] = (("parameter",), se_mcse.numpy())
     original = _original_data(joint, plan)
     idata = to_inference_data(
         joint.model,
@@ -180,6 +199,41 @@ def finish(
         extra_groups={POINT_ESTIMATE: point},
     )
     return FitResult(idata, engine, summary, history=history, warnings=warnings)
+
+
+def _genetic_sd_positions(report, theta: torch.Tensor, markers: field.MarkerField) -> list[int]:
+    """Positions of the reported genetic SDs: the quantities that depend on ``theta`` through
+    ``markers.sd_index`` alone."""
+    jacobian = torch.autograd.functional.jacobian(report, theta).abs()
+    outside = jacobian.clone()
+    outside[:, markers.sd_index] = 0
+    inside = jacobian[:, markers.sd_index].sum(1)
+    return [i for i in range(len(jacobian)) if inside[i] > 0 and not outside[i].any()]
+
+
+def _genetic_sd_variances(
+    information: field.GeneticInformation, report, theta: torch.Tensor, positions: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta-method variances of the reported genetic SDs from the genetic block's information,
+    and the jackknife Monte-Carlo error of their SEs over the left-out chains."""
+
+    def se_from(info: torch.Tensor) -> torch.Tensor:
+        natural = fisher.natural_covariance(info, report, theta, information.indices)
+        return natural.covariance.diagonal()[positions]
+
+    variance = se_from(information.information)
+    n = information.leave_one_chain_out.shape[0]
+    if n < 2:
+        return variance, torch.full_like(variance, float("nan"))
+    left_out = torch.stack(
+        [se_from(info).clamp(min=0).sqrt() for info in information.leave_one_chain_out]
+    )
+    mcse = ((n - 1) / n * ((left_out - left_out.mean(0)) ** 2).sum(0)).sqrt()
+    return variance, mcse
+
+
+def _listed(values: torch.Tensor) -> str:
+    return ", ".join(f"{v:.3g}" for v in values[~values.isnan()].tolist())
 
 
 def _original_data(joint: JointModel, plan: Plan):
