@@ -133,18 +133,25 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         "max_r_hat_curves": float(np.nanmax(az.rhat(phi_draws)["phi"].values)),
         "min_ess_bulk_curves": float(np.nanmin(az.ess(phi_draws)["phi"].values)),
     }
+    rows = curve_parameter_rows(common, phi_inside, present, phi["curve_parameter"].values)
+    return [*rows, {**common, "target": "noise_sd", "n": 1, "covered": int(noise_covered.sum())}]
+
+
+def curve_parameter_rows(common: dict, inside: np.ndarray, present: np.ndarray, names) -> list:
+    """Coverage rows of the plants' curve parameters, all together and per curve parameter
+    (``inside`` and ``present`` ``[variety, scenario, plant, curve_parameter]``)."""
     rows = [
         {
             **common,
             "target": "plant curve parameters",
             "n": int(present.sum()),
-            "covered": int(phi_inside[present].sum()),
+            "covered": int(inside[present].sum()),
         }
     ]
-    for k, name in enumerate(phi["curve_parameter"].values):
-        inside = phi_inside[..., k][present[..., k]]
-        rows.append({**common, "target": str(name), "n": inside.size, "covered": int(inside.sum())})
-    return [*rows, {**common, "target": "noise_sd", "n": 1, "covered": int(noise_covered.sum())}]
+    for k, name in enumerate(names):
+        hits = inside[..., k][present[..., k]]
+        rows.append({**common, "target": str(name), "n": hits.size, "covered": int(hits.sum())})
+    return rows
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -32,7 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from nuts_coverage import covered, curve_parameters, markdown_table, summarise
+from nuts_coverage import (
+    covered,
+    curve_parameter_rows,
+    curve_parameters,
+    markdown_table,
+    summarise,
+)
 
 from pyro_nlme.data import load_data
 from pyro_nlme.export import package_versions
@@ -79,17 +85,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     phi = curve_parameters(posterior)
     inside = covered(phi, aligned(sim.truth["individual_parameter"], phi))
     present = np.broadcast_to(data.plant_mask.numpy()[..., None], inside.shape)
-    rows = [
-        {
-            **common,
-            "target": "plant curve parameters",
-            "n": int(present.sum()),
-            "covered": int(inside[present].sum()),
-        }
-    ]
-    for k, name in enumerate(phi["curve_parameter"].values):
-        hits = inside[..., k][present[..., k]]
-        rows.append({**common, "target": str(name), "n": hits.size, "covered": int(hits.sum())})
+    rows = curve_parameter_rows(common, inside, present, phi["curve_parameter"].values)
     for name in POPULATION:
         hits = covered(posterior[name], aligned(sim.truth[name], posterior[name]))
         rows.append({**common, "target": name, "n": hits.size, "covered": int(hits.sum())})
