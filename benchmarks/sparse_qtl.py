@@ -187,7 +187,7 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
     table.to_csv(out.with_suffix(".csv"), index=False)
     metrics = ["power_exact", "power_ld", "false_top50", "r_heldout", "gsd_ratio"]
     grouped = table.groupby(["prior", "curve_parameter"], sort=False)[metrics]
-    summary = grouped.mean().join(grouped.sem(), rsuffix="_se")
+    summary = grouped.mean().join(grouped.sem().add_suffix("_se"))
     lines = [
         "# Sparse-QTL benchmark",
         "",
