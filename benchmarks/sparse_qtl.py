@@ -5,7 +5,8 @@ of varieties never phenotyped?
 For each seed: simulate the sparse-QTL design (``DesignConfig(sparse_qtl=True)``: 10 QTL per
 curve parameter, 3 of them shared by the three parameters, equal magnitudes, an exact share of
 the genetic variance), fit g2was (centred) by mean-field SVI once per marker prior, the
-spike-and-slab effects by coordinate ascent (``--marker-updates``), on the phenotyped
+spike-and-slab and horseshoe effects by coordinate ascent (``--marker-updates``; the ridge's
+by Adam, as a baseline), on the phenotyped
 varieties (the held-out ones are in the data with genotypes only, so the export holds their
 predictions), and score:
 
@@ -161,7 +162,8 @@ def main() -> None:
         assert order == list(range(len(order))), "data rows must follow the simulator's"
         for prior in args.priors:
             tic = time.perf_counter()
-            updates = args.marker_updates if prior.startswith("spike_slab") else "gradient"
+            sparse = prior.startswith(("spike_slab", "horseshoe"))
+            updates = args.marker_updates if sparse else "gradient"
             fit = fit_svi(
                 g2was,
                 data,

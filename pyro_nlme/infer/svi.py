@@ -105,9 +105,10 @@ class SVIConfig:
         0.74 over steps 2,750 to 3,500 of a fit of the target design whose loss no longer
         fell; non-centred it stayed at 0.88-0.92 from step 1,250 (docs/svi.md).
     :param marker_updates: ``gradient``: every variational parameter by Adam; ``cavi``: with
-        ``guide="normal"`` and a spike-and-slab marker prior, the marker effects' factor by
-        coordinate ascent every ``cavi_every`` steps, from the guide's current medians of
-        the centred site ``cavi_response_site``
+        ``guide="normal"`` and a spike-and-slab, ridge or horseshoe marker prior (effects
+        form), the marker effects' factor by coordinate ascent every ``cavi_every`` steps
+        (the effects then stay centred), from the guide's current medians of the centred
+        site ``cavi_response_site``
         (:mod:`~pyro_nlme.infer.guides.marker_cavi`). By Adam, 60,000 effects found none of
         10 QTL and the genetic SD collapsed (docs/marker_priors.md).
     :param cavi_every: steps between coordinate-ascent updates.
@@ -206,7 +207,10 @@ class _Training:
 
 
 def noncentred(
-    model: Callable, structure: ModelStructure, extra_sites: Sequence[str] = ()
+    model: Callable,
+    structure: ModelStructure,
+    extra_sites: Sequence[str] = (),
+    marker_sites: bool = True,
 ) -> Callable:
     """``model`` with its per-marker effects and the sites ``extra_sites`` non-centred
     (``LocScaleReparam``): the guide then learns unit-scale ``*_decentered`` sites. A
@@ -215,13 +219,18 @@ def noncentred(
     ``SVIConfig.noncentred_sites``). Only Normal sites are decentred (a horseshoe's
     half-Cauchy local scales or a spike-and-slab mixture are not location-scale).
 
+    :param marker_sites: decentre the per-marker effects (False: they stay centred, for
+        coordinate-ascent updates, whose factor is on the effects themselves).
     :raises ValueError: if an extra site is not a latent site of the model.
     """
     unknown = sorted(set(extra_sites) - set(structure.latent))
     if unknown:
         raise ValueError(f"noncentred_sites {unknown} are not latent sites of the model")
-    sites = {n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()}
-    sites |= set(extra_sites)
+    sites = set(extra_sites)
+    if marker_sites:
+        sites |= {
+            n for n, i in structure.population.items() if MARKER_PLATE in i.plate_dims.values()
+        }
 
     def config(message: dict) -> LocScaleReparam | None:
         fn = message["fn"]
@@ -286,7 +295,9 @@ def _fit_svi(
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     structure = model_structure(model, data, **model_kwargs)
-    fitted_model = noncentred(model, structure, config.noncentred_sites)
+    fitted_model = noncentred(
+        model, structure, config.noncentred_sites, marker_sites=config.marker_updates != "cavi"
+    )
     fitted_structure = model_structure(fitted_model, data, **model_kwargs)
     if config.init not in ("pooled", "prior"):
         raise ValueError(f"init must be 'pooled' or 'prior', got {config.init!r}")

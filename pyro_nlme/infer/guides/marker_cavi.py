@@ -27,6 +27,15 @@ This module holds both factors and updates them every few SVI steps from the gui
 medians of the other sites; Adam fits everything else. The ELBO being maximised is the same:
 only the marker block is maximised by coordinate ascent instead of gradient steps.
 
+Effects whose prior is Gaussian given the other sites, ``b[m, k] ~ Normal(0, s[m, k])`` (the
+ridge prior, ``s`` from the genetic SD; the regularised horseshoe, ``s`` from the global, local
+and slab scales), get the same treatment with a single Gaussian component
+(:class:`GaussianFactor`): ``q(b[m, k]) = Normal(loc, var)``, ``var = 1 / (d + 1 / s ** 2)``,
+``loc = var * r``, the prior SD ``s`` at the guide's medians of its scales. Adam then fits the
+scales given the factor. With the horseshoe's ``tau0`` of about 1e-6 and every effect moved
+by Adam, no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each
+update sets the effects to their conditional posterior given the current scales.
+
 Approximations, on top of the mean-field family: the other sites enter at their guide medians
 (their guide means for Normal sites; for the scales ``1 / median ** 2`` stands for
 ``E[1 / scale ** 2]``, and the genetic SD, which sets ``unit`` and the prior SDs, enters at
@@ -76,9 +85,9 @@ def _inclusion_site(trace, prior: SpikeSlabNormal) -> tuple[str, tuple[torch.Ten
     )
 
 
-def spike_slab_site(trace: poutine.Trace) -> str:
-    """The name of the spike-and-slab site (a :class:`SpikeSlabNormal` prior) of a model's
-    trace.
+def marker_effect_site(trace: poutine.Trace) -> str:
+    """The name of the marker-effect site of a model's trace: the latent site in the marker
+    plate whose prior is a :class:`SpikeSlabNormal` or a ``Normal`` (given its scales).
 
     :raises ValueError: if the model has none or several.
     """
@@ -87,27 +96,27 @@ def spike_slab_site(trace: poutine.Trace) -> str:
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
-        and isinstance(base_distribution(site["fn"]), SpikeSlabNormal)
+        and any(frame.name == MARKER_PLATE for frame in site["cond_indep_stack"])
+        and type(base_distribution(site["fn"])) in (SpikeSlabNormal, dist.Normal)
     ]
     if len(names) != 1:
         raise ValueError(
-            "coordinate-ascent marker updates need exactly one spike-and-slab site in the "
-            f"model (marker_prior='spike_slab' or 'spike_slab_shared'), found {names}"
+            "coordinate-ascent marker updates need exactly one marker-effect site with a "
+            "spike-and-slab or (conditionally) Gaussian prior in the model's marker plate "
+            f"(marker_prior='ridge', 'horseshoe' or 'spike_slab'), found {names}"
         )
     return names[0]
 
 
-class SpikeSlabCoordinateAscent:
-    """Guide part for the spike-and-slab site ``site`` ``[M, K]`` (marker plate, dim -1),
-    ``q(b) = prod SpikeSlabNormal(loc_spike, sd_spike, loc_slab, sd_slab, alpha)``, updated
-    by :meth:`update` (module docstring), not by gradients.
-
-    Its state lives in Pyro's parameter store (saved and restored with a checkpoint) under
-    ``{site}.cavi_*``; Adam sees no gradient for it.
+class MarkerCoordinateAscent:
+    """Guide part for the marker-effect site ``site`` ``[M, K]`` (marker plate, dim -1), fitted
+    by :meth:`update` (module docstring), not by gradients. Its state lives in Pyro's parameter
+    store (saved and restored with a checkpoint) under ``{site}.cavi_*``; Adam sees no
+    gradient for it. Subclasses hold the factor of a prior family.
 
     :param model: the (reparametrised) model the SVI fits.
     :param trace: a trace of ``model`` on the full data.
-    :param site: the spike-and-slab site.
+    :param site: the marker-effect site (:func:`marker_effect_site`).
     :param response_site: the centred Normal site whose location is linear in the effects.
     :param medians: ``medians(data, **kwargs)``: the guide's medians of every other latent site
         (e.g. ``AutoNormal.median``).
@@ -116,6 +125,9 @@ class SpikeSlabCoordinateAscent:
     :param sweeps: coordinate-ascent sweeps over all markers per :meth:`update`.
     :param n_blocks: markers updated at once are ``n_blocks`` apart.
     """
+
+    hidden_sites: tuple[str, ...] = ()
+    """Further sites this part samples (besides ``site``)."""
 
     def __init__(
         self,
@@ -142,11 +154,38 @@ class SpikeSlabCoordinateAscent:
                 f"coordinate-ascent marker updates need {response_site!r} to be Normal, "
                 f"got {type(base_distribution(response['fn'])).__name__}"
             )
+        self.shape = trace.nodes[site]["value"].shape
+
+    def factor(self):
+        """The current factor, whose tensors are views of the parameters (updated in place)."""
+        raise NotImplementedError
+
+    def _point(self, point: dict, factor) -> dict:
+        """The values of the other sites the working regression is read at."""
+        return point
+
+    def update(self, data: NLMEData, **model_kwargs) -> None:
+        """``sweeps`` coordinate-ascent sweeps of the marker factor given the other sites at
+        their guide medians."""
+        factor = self.factor()
+        point = self._point(self.medians(data, subsample_size=None, **model_kwargs), factor)
+        regression = working_regression(
+            self.model, data, self.site, self.shape, self.response_site, point, model_kwargs
+        )
+        factor.ascend(data.markers, regression, self.sweeps, self.n_blocks)
+
+
+class SpikeSlabCoordinateAscent(MarkerCoordinateAscent):
+    """``q(b) = prod SpikeSlabNormal(loc_spike, sd_spike, loc_slab, sd_slab, alpha)`` and the
+    exact factor of the inclusion probability (:class:`SpikeSlabFactor`)."""
+
+    def __init__(self, model: Callable, trace: poutine.Trace, site: str, *args, **kwargs):
+        super().__init__(model, trace, site, *args, **kwargs)
         prior = base_distribution(trace.nodes[site]["fn"])
         self.shared = prior.shared
         self.inclusion_site, self.inclusion_prior = _inclusion_site(trace, prior)
+        self.hidden_sites = (self.inclusion_site,)
         value = trace.nodes[site]["value"]
-        self.shape = value.shape
         alpha = prior.inclusion.detach().expand(value.shape[:1] if self.shared else value.shape)
         self._names = {part: f"{site}.cavi_{part}" for part in ("alpha", "loc", "var")}
         pyro.param(self._names["alpha"], alpha.clone())
@@ -155,9 +194,7 @@ class SpikeSlabCoordinateAscent:
         pyro.param(self._names["var"], variance.expand(2, *value.shape).clone())
 
     def factor(self) -> SpikeSlabFactor:
-        """The current factor; its tensors are views of the (unconstrained, real-valued)
-        parameters, so :meth:`SpikeSlabFactor.ascend` updates them in place (index 0 of
-        ``loc`` and ``var``: spike, 1: slab)."""
+        """The current factor (index 0 of ``loc`` and ``var``: spike, 1: slab)."""
         alpha, loc, var = (
             pyro.param(self._names[part]).detach() for part in ("alpha", "loc", "var")
         )
@@ -173,20 +210,107 @@ class SpikeSlabCoordinateAscent:
             value = pyro.sample(self.site, posterior if self.shared else posterior.to_event(1))
         return {self.inclusion_site: inclusion, self.site: value}
 
-    def update(self, data: NLMEData, **model_kwargs) -> None:
-        """``sweeps`` coordinate-ascent sweeps of the marker factor given the other sites at
-        their guide medians."""
+    def _point(self, point: dict, factor: SpikeSlabFactor) -> dict:
+        return {**point, self.inclusion_site: factor.inclusion_posterior().mean}
+
+
+class GaussianCoordinateAscent(MarkerCoordinateAscent):
+    """``q(b) = prod Normal(loc, sqrt(var))`` for effects with a Gaussian prior given their
+    scales (:class:`GaussianFactor`)."""
+
+    def __init__(self, model: Callable, trace: poutine.Trace, site: str, *args, **kwargs):
+        super().__init__(model, trace, site, *args, **kwargs)
+        prior = base_distribution(trace.nodes[site]["fn"])
+        value = trace.nodes[site]["value"]
+        self._names = {part: f"{site}.cavi_{part}" for part in ("loc", "var")}
+        pyro.param(self._names["loc"], torch.zeros_like(value))
+        pyro.param(self._names["var"], (prior.scale.detach() ** 2).expand(value.shape).clone())
+
+    def factor(self) -> GaussianFactor:
+        return GaussianFactor(*(pyro.param(self._names[part]).detach() for part in ("loc", "var")))
+
+    def __call__(self, data: NLMEData, *args, **kwargs) -> dict[str, torch.Tensor]:
         factor = self.factor()
-        point = self.medians(data, subsample_size=None, **model_kwargs)
-        point[self.inclusion_site] = factor.inclusion_posterior().mean
-        regression = working_regression(
-            self.model, data, self.site, self.shape, self.response_site, point, model_kwargs
-        )
-        factor.ascend(data.markers, regression, self.sweeps, self.n_blocks)
+        with self.marker_plate():
+            value = pyro.sample(self.site, dist.Normal(factor.loc, factor.var.sqrt()).to_event(1))
+        return {self.site: value}
+
+
+class _BlockedAscent:
+    """Sweeps of coordinate ascent over the markers, ``n_blocks`` apart updated together, shared
+    by the factors; a factor defines :meth:`mean`, :meth:`_sweep_context` (what it fixes for
+    a sweep) and :meth:`_update_block`."""
+
+    @torch.no_grad()
+    def ascend(
+        self,
+        markers: GenotypeMatrix,
+        regression: WorkingRegression,
+        sweeps: int = 2,
+        n_blocks: int = DEFAULT_BLOCKS,
+    ) -> None:
+        """``sweeps`` sweeps of coordinate ascent over the markers, in place."""
+        effects = self.mean()
+        fitted = regression.unit * markers.standardized_matmul(effects)
+        n_markers = effects.shape[0]
+        for _ in range(sweeps):
+            context = self._sweep_context()
+            for start in range(min(n_blocks, n_markers)):
+                block = torch.arange(start, n_markers, n_blocks, device=effects.device)
+                z = markers.standardized_columns(block).to(fitted)  # [V, B]
+                change = self._update_block(block, z, regression, context, fitted, effects)
+                fitted += z @ (regression.unit * change)
+
+
+def _prior_rows(prior_variance: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``[C, B or 1, K]``: the rows ``block`` of per-marker prior variances ``[C, M, K]``, or
+    variances shared by the markers ``[C, 1, K]`` as they are."""
+    return prior_variance if prior_variance.shape[1] == 1 else prior_variance[:, block]
 
 
 @dataclass
-class SpikeSlabFactor:
+class GaussianFactor(_BlockedAscent):
+    """Mean-field factor ``q(b[m, k]) = Normal(loc, sqrt(var))`` of effects with a Gaussian
+    prior given their scales.
+
+    :ivar loc: ``[M, K]``.
+    :ivar var: ``[M, K]``.
+    """
+
+    loc: torch.Tensor
+    var: torch.Tensor
+
+    def mean(self) -> torch.Tensor:
+        return self.loc.clone()
+
+    def _sweep_context(self) -> None:
+        return None
+
+    def _update_block(self, block, z, regression, context, fitted, effects) -> torch.Tensor:
+        """Update markers ``block`` in place to their one-marker optimum (exact for
+        uncorrelated markers), the means moved by the fraction ``eta [K]`` of the step that
+        maximises the ELBO along it, clamped to ``[0, 1]`` (as in
+        :meth:`SpikeSlabFactor._update_block`); return the change of the means ``[B, K]``."""
+        unit, weight = regression.unit, regression.weight
+        precision = unit**2 * ((z**2).T @ weight)  # [B, K]
+        old = effects[block]
+        remaining = regression.response - fitted
+        residual = unit * (z.T @ (weight * remaining)) + precision * old
+        prior_var = _prior_rows(regression.prior_variance, block)[0]
+        var = 1.0 / (precision + 1.0 / prior_var)
+        step = var * residual - old
+        moved = z @ (unit * step)  # [V, K]
+        slope = (weight * remaining * moved).sum(0) - (old * step / prior_var).sum(0)
+        curvature = (weight * moved**2).sum(0) + (step**2 / prior_var).sum(0)
+        eta = torch.where(curvature > 0, slope / curvature, torch.ones_like(slope)).clamp(0, 1)
+        loc = old + eta * step
+        self.loc[block], self.var[block] = loc, var.expand_as(loc)
+        effects[block] = loc
+        return loc - old
+
+
+@dataclass
+class SpikeSlabFactor(_BlockedAscent):
     """Mean-field factor of spike-and-slab effects ``b [M, K]`` and of their prior inclusion
     probability ``pi``: ``q(b[m, k]) = alpha N(loc[1], var[1]) + (1 - alpha) N(loc[0],
     var[0])``, ``q(pi) = Beta(c1 + sum_m alpha_m, c0 + sum_m (1 - alpha_m))``.
@@ -223,27 +347,10 @@ class SpikeSlabFactor:
         alpha = self.alpha[:, None] if self.shared else self.alpha
         return alpha * self.loc[1] + (1 - alpha) * self.loc[0]
 
-    @torch.no_grad()
-    def ascend(
-        self,
-        markers: GenotypeMatrix,
-        regression: WorkingRegression,
-        sweeps: int = 2,
-        n_blocks: int = DEFAULT_BLOCKS,
-    ) -> None:
-        """``sweeps`` sweeps of coordinate ascent over the markers, in place; ``q(pi)`` is
-        updated (from ``alpha``) between sweeps."""
-        effects = self.mean()
-        fitted = regression.unit * markers.standardized_matmul(effects)
-        n_markers = effects.shape[0]
-        for _ in range(sweeps):
-            inclusion = self.inclusion_posterior()
-            log_odds = inclusion.concentration1.digamma() - inclusion.concentration0.digamma()
-            for start in range(min(n_blocks, n_markers)):
-                block = torch.arange(start, n_markers, n_blocks, device=effects.device)
-                z = markers.standardized_columns(block).to(fitted)  # [V, B]
-                change = self._update_block(block, z, regression, log_odds, fitted, effects)
-                fitted += z @ (regression.unit * change)
+    def _sweep_context(self) -> torch.Tensor:
+        """``E_q[logit pi]`` of ``q(pi)`` as the sweep starts (updated between sweeps)."""
+        inclusion = self.inclusion_posterior()
+        return inclusion.concentration1.digamma() - inclusion.concentration0.digamma()
 
     def _update_block(self, block, z, regression, log_odds, fitted, effects) -> torch.Tensor:
         """Update markers ``block`` (standardised dosages ``z [V, B]``) in place given the
@@ -261,7 +368,7 @@ class SpikeSlabFactor:
         precision = unit**2 * ((z**2).T @ weight)  # [B, K]
         old = effects[block]
         residual = unit * (z.T @ (weight * (regression.response - fitted))) + precision * old
-        prior_var = regression.prior_variance[:, None, :]  # [2, 1, K]
+        prior_var = _prior_rows(regression.prior_variance, block)  # [2, B or 1, K]
         var = 1.0 / (precision + 1.0 / prior_var)  # [2, B, K]
         loc = var * residual
         # log Bayes factor of slab against spike, (loc / var) ** 2 var / 2 = residual ** 2 var / 2
@@ -305,7 +412,8 @@ class WorkingRegression(NamedTuple):
     unit: torch.Tensor
     """``[K]`` change of the response's location per unit of ``Z @ b``."""
     prior_variance: torch.Tensor
-    """``[2, K]`` spike and slab variances of ``b``."""
+    """``[C, M or 1, K]`` prior variances of ``b``: spike and slab (``C = 2``, shared by the
+    markers) or a Gaussian prior's (``C = 1``, per marker)."""
 
 
 def _per_variety(x: torch.Tensor, event_dims: int) -> torch.Tensor:
@@ -364,14 +472,19 @@ def working_regression(
             f"times {site!r}: coordinate-ascent marker updates do not apply to this model"
         )
     prior = base_distribution(at_zero.nodes[site]["fn"])
-    prior_variance = torch.stack([prior.spike_scale, prior.slab_scale]).reshape(2, -1, shape[-1])
-    return WorkingRegression(response, weight, unit, prior_variance[:, 0] ** 2)
+    if isinstance(prior, SpikeSlabNormal):
+        scales = torch.stack([prior.spike_scale, prior.slab_scale]).reshape(2, -1, shape[-1])
+        prior_variance = scales[:, :1] ** 2
+    else:
+        prior_variance = (prior.scale.detach() ** 2).expand(shape)[None]
+    return WorkingRegression(response, weight, unit, prior_variance)
 
 
 class CoordinateAscentGuide(AutoGuideList):
-    """A mean-field guide whose spike-and-slab marker block is a
-    :class:`SpikeSlabCoordinateAscent`: :meth:`coordinate_update` runs its update (the SVI
-    engine calls it every ``SVIConfig.cavi_every`` steps)."""
+    """A mean-field guide whose marker block is a :class:`SpikeSlabCoordinateAscent` or, for a
+    Gaussian prior given its scales, a :class:`GaussianCoordinateAscent`:
+    :meth:`coordinate_update` runs its update (the SVI engine calls it every
+    ``SVIConfig.cavi_every`` steps)."""
 
     def __init__(
         self,
@@ -385,8 +498,10 @@ class CoordinateAscentGuide(AutoGuideList):
     ):
         super().__init__(model, create_plates=create_plates)
         trace = poutine.trace(model).get_trace(data, subsample_size=None, **model_kwargs)
-        site = spike_slab_site(trace)
-        self.markers = SpikeSlabCoordinateAscent(
+        site = marker_effect_site(trace)
+        spike_slab = isinstance(base_distribution(trace.nodes[site]["fn"]), SpikeSlabNormal)
+        part = SpikeSlabCoordinateAscent if spike_slab else GaussianCoordinateAscent
+        self.markers = part(
             model,
             trace,
             site,
@@ -400,7 +515,7 @@ class CoordinateAscentGuide(AutoGuideList):
         rest = AutoNormal(
             poutine.block(
                 poutine.condition(model, data={site: zeros}),
-                hide=[site, self.markers.inclusion_site],
+                hide=[site, *self.markers.hidden_sites],
             ),
             init_loc_fn=init_loc_fn,
             init_scale=init_scale,
