@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--marker-updates",
         choices=["gradient", "cavi"],
         default="gradient",
-        help="cavi: spike-and-slab marker effects by coordinate ascent (--guide normal, "
-        "--parametrization centred)",
+        help="cavi: spike-and-slab, ridge or horseshoe marker effects by coordinate ascent "
+        "(--guide normal, --parametrization centred)",
     )
     svi.add_argument(
         "--correlated-events",
