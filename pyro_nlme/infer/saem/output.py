@@ -217,16 +217,16 @@ def _genetic_sd_variances(
     """Delta-method variances of the reported genetic SDs from the genetic block's information,
     and the jackknife Monte-Carlo error of their SEs over the left-out chains."""
 
-    def se_from(info: torch.Tensor) -> torch.Tensor:
+    def variances_from(info: torch.Tensor) -> torch.Tensor:
         natural = fisher.natural_covariance(info, report, theta, information.indices)
         return natural.covariance.diagonal()[positions]
 
-    variance = se_from(information.information)
+    variance = variances_from(information.information)
     n = information.leave_one_chain_out.shape[0]
     if n < 2:
         return variance, torch.full_like(variance, float("nan"))
     left_out = torch.stack(
-        [se_from(info).clamp(min=0).sqrt() for info in information.leave_one_chain_out]
+        [variances_from(info).clamp(min=0).sqrt() for info in information.leave_one_chain_out]
     )
     mcse = ((n - 1) / n * ((left_out - left_out.mean(0)) ** 2).sum(0)).sqrt()
     return variance, mcse
