@@ -15,8 +15,10 @@ Population-level truths are the simulator's parameters, not draws from the model
 calibrated intervals cover them at about the nominal rate only to the extent that the data
 dominate the prior (60 varieties: the SDs of the variety-level effects are estimated to about
 10%). Monte-Carlo errors as in ``benchmarks/nuts_coverage.py`` (binomial, and clustered by
-seed: the honest one). Writes ``docs/benchmarks/svi_coverage.{csv,md}`` after every seed;
-``--resume`` keeps the seeds already there.
+seed: the honest one). Writes ``docs/benchmarks/svi_coverage.{csv,md}`` (with
+``--correlated-events``, a full covariance per plant's curve parameters:
+``svi_coverage_correlated.{csv,md}``) after every seed; ``--resume`` keeps the seeds already
+there.
 
     OMP_NUM_THREADS=1 python benchmarks/svi_coverage.py --seeds 10
 """
@@ -73,6 +75,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         lr_decay_steps=args.lr_decay_steps,
         noncentred_sites=("genetic_value_component",),
         num_draws=args.draws,
+        correlated_events=args.correlated_events,
         seed=seed,
         progress=False,
     )
@@ -100,11 +103,13 @@ def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
         f"--plants {args.plants} --days {args.days} --batch-size {args.batch_size} "
         f"--max-steps {args.max_steps} --lr {args.lr} --lr-decay-steps {args.lr_decay_steps} "
         f"--draws {args.draws} --threads {args.threads}"
+        + (" --correlated-events" if args.correlated_events else "")
     )
     by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
     return "\n".join(
         [
-            "# SVI 90% interval coverage on simulated designs (amortised guide)",
+            "# SVI 90% interval coverage on simulated designs (amortised guide"
+            + (", correlated events)" if args.correlated_events else ")"),
             "",
             f"Command: `{command}`",
             "",
@@ -139,10 +144,12 @@ def main() -> None:
     parser.add_argument("--lr-decay-steps", type=int, default=2500)
     parser.add_argument("--draws", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--correlated-events", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    csv = OUT / "svi_coverage.csv"
+    stem = "svi_coverage_correlated" if args.correlated_events else "svi_coverage"
+    csv = OUT / f"{stem}.csv"
     rows = pd.read_csv(csv).to_dict("records") if args.resume and csv.exists() else []
     done = {row["seed"] for row in rows}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -151,7 +158,7 @@ def main() -> None:
         rows += run_seed(seed, args)
         frame = pd.DataFrame(rows)
         frame.to_csv(csv, index=False)
-        (OUT / "svi_coverage.md").write_text(report_markdown(frame, args))
+        (OUT / f"{stem}.md").write_text(report_markdown(frame, args))
         latest = frame[frame["seed"] == seed]
         print(
             f"seed {seed}: "
