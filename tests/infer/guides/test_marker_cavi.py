@@ -17,6 +17,17 @@ from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme_models.g2was import g2was
 
 PRIOR_VARIANCE = torch.tensor([[0.01, 0.02], [4.0, 9.0]], dtype=torch.float64)  # spike, slab
+SHORT_CAVI_FIT = SVIConfig(
+    guide="normal",
+    batch_size=8,
+    max_steps=20,
+    cavi_every=5,
+    marker_updates="cavi",
+    stopping=None,
+    num_draws=4,
+    progress=False,
+)
+"""20 steps of a mean-field fit with coordinate-ascent marker updates every 5."""
 
 
 def genotypes(
@@ -193,18 +204,8 @@ def test_gaussian_factor_converges_to_the_exact_posterior_mean():
 def test_cavi_guide_fits_gaussian_marker_priors(simulated_data, prior):
     """Ridge and horseshoe effects by coordinate ascent: the effects stay centred (no
     ``*_decentered`` site), the factor's state is in the parameter store, the fit exports."""
-    config = SVIConfig(
-        guide="normal",
-        batch_size=8,
-        max_steps=20,
-        cavi_every=5,
-        marker_updates="cavi",
-        stopping=None,
-        num_draws=4,
-        progress=False,
-    )
     kwargs = {"marker_prior": prior, "parametrization": "centred"}
-    fit = fit_svi(g2was, simulated_data, config, model_kwargs=kwargs)
+    fit = fit_svi(g2was, simulated_data, SHORT_CAVI_FIT, model_kwargs=kwargs)
     assert pyro.param("marker_effect.cavi_loc").shape == (simulated_data.n_markers, 3)
     assert "marker_effect_decentered" not in fit.inference_data.posterior
     effects = fit.inference_data.posterior["marker_effect"].values
@@ -213,18 +214,8 @@ def test_cavi_guide_fits_gaussian_marker_priors(simulated_data, prior):
 
 
 def test_cavi_guide_fits_g2was_and_exports_inclusion_probabilities(simulated_data):
-    config = SVIConfig(
-        guide="normal",
-        batch_size=8,
-        max_steps=20,
-        cavi_every=5,
-        marker_updates="cavi",
-        stopping=None,
-        num_draws=4,
-        progress=False,
-    )
     kwargs = {"marker_prior": "spike_slab", "parametrization": "centred"}
-    fit = fit_svi(g2was, simulated_data, config, model_kwargs=kwargs)
+    fit = fit_svi(g2was, simulated_data, SHORT_CAVI_FIT, model_kwargs=kwargs)
     posterior = fit.inference_data.posterior
     pip = posterior["marker_effect_inclusion_probability"].values
     assert pip.shape == (1, 4, simulated_data.n_markers, 3)
