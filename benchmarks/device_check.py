@@ -197,7 +197,7 @@ def check_nuts(device: str, warmup: int, samples: int) -> dict:
     r_hat = az.rhat(idata, var_names=["scenario_mean", "noise_sd"])
     return {
         "wall_s": time.perf_counter() - start,
-        "chain_wall_s": fit.history["wall_s"].tolist() if "wall_s" in fit.history else None,
+        "chain_wall_s": fit.history["wall_s"].tolist(),
         "divergences": int(idata.sample_stats["diverging"].sum()),
         "max_rhat": float(max(float(r_hat[name].max()) for name in r_hat.data_vars)),
         "noise_sd": float(idata.posterior["noise_sd"].mean()),

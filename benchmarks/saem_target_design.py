@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from nuts_target_design import SVI_SETTINGS  # benchmarks/ is on the path of its scripts
 
 from pyro_nlme.data import load_data
 from pyro_nlme.infer.saem import SAEMConfig, plot_convergence
@@ -159,10 +160,8 @@ def main() -> None:
     print(saem.report(), flush=True)
 
     svi_config = SVIConfig(  # the README's settings
+        **{**SVI_SETTINGS, "max_steps": args.svi_steps},
         batch_size=args.svi_batch or None,
-        max_steps=args.svi_steps,
-        lr=0.02,
-        lr_decay_steps=2500,
         noncentred_sites=("genetic_value_component",),
         num_draws=args.svi_draws,
         seed=args.seed,

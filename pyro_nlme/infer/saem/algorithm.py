@@ -176,12 +176,7 @@ def run_saem(
         gamma = step_size(k, burn_in)
         state, _ = e_step(state, make_target(joint, theta, rows), config.kernel, adapt=k < burn_in)
         u = state.position
-        draw = None
-        if markers is not None:
-            draw = marker_field.gibbs(
-                markers, plan, joint, theta, joint.z_from_u(u, theta, rows), copies
-            )
-            joint.offset = marker_field.offset(markers, draw.values, joint.z_dim)
+        draw = None if markers is None else _redraw_genetic(joint, markers, plan, theta, u, rows)
         if plan.closed_form.numel():
             with torch.no_grad():
                 density = joint.log_density(theta, u, rows)
@@ -225,10 +220,7 @@ def run_saem(
                 target = make_target(joint, theta, rows)
                 state, _ = e_step(state, target, config.kernel, adapt=False)
                 u = state.position
-                draw = marker_field.gibbs(
-                    markers, plan, joint, theta, joint.z_from_u(u, theta, rows), copies
-                )
-                joint.offset = marker_field.offset(markers, draw.values, joint.z_dim)
+                _redraw_genetic(joint, markers, plan, theta, u, rows)
                 draws.append(u.reshape(copies, joint.n_varieties, -1))
             information = marker_field.genetic_information(
                 markers, plan, joint, theta, torch.stack(draws, 1)
@@ -236,6 +228,16 @@ def run_saem(
         genetic = stats["marker_field:mean"]
         state = marker_field.fix(joint, markers, state, genetic, copies)
     return SAEMRun(theta, frame, state, plan, time.perf_counter() - start, genetic, information)
+
+
+def _redraw_genetic(joint, markers, plan, theta, u, rows) -> marker_field.GibbsDraw:
+    """Draw every chain's genetic values given its latents ``u`` (:func:`.field.gibbs`) and
+    make them the joint model's offset."""
+    copies = len(rows.variety) // joint.n_varieties
+    z = joint.z_from_u(u, theta, rows)
+    draw = marker_field.gibbs(markers, plan, joint, theta, z, copies)
+    joint.offset = marker_field.offset(markers, draw.values, joint.z_dim)
+    return draw
 
 
 @torch.no_grad()

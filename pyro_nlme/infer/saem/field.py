@@ -406,13 +406,11 @@ class GeneticInformation(NamedTuple):
     :param information: ``[b, b]`` on the unconstrained scale, from every chain's draws.
     :param leave_one_chain_out: ``[C, b, b]`` the same without chain ``c`` (``[0, b, b]`` with
         one chain).
-    :param n_draws: draws per chain.
     """
 
     indices: torch.Tensor
     information: torch.Tensor
     leave_one_chain_out: torch.Tensor
-    n_draws: int
 
 
 def genetic_information(
@@ -449,4 +447,4 @@ def genetic_information(
         for c in range(n_chains if n_chains > 1 else 0)
     ]
     left_out = torch.stack(left_out) if left_out else full.new_zeros((0,) + full.shape)
-    return GeneticInformation(indices, full, left_out, n_draws)
+    return GeneticInformation(indices, full, left_out)
