@@ -35,7 +35,15 @@ from pyro_nlme.simulate.design import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import g2was
 
 HEADING = "## Simulated target design: SAEM and SVI"
-FIGURE = "docs/figures/saem_target_design_convergence.png"
+
+
+def section_heading(varieties: int, markers: int) -> str:
+    """The heading of one design size's section: runs of other sizes keep their own."""
+    return f"{HEADING} (g2was, {varieties} varieties, {markers} markers)"
+
+
+def figure_path(varieties: int, markers: int) -> str:
+    return f"docs/figures/saem_target_design_{varieties}x{markers}_convergence.png"
 
 
 def svi_summary(result, labels_by_site: dict[str, list[str]]) -> pd.DataFrame:
@@ -99,11 +107,11 @@ def with_values(joint, theta, values: dict[str, pd.Series], sites: set[str]):
     return joint.theta_from_values(population)
 
 
-def splice(document: str, section: str) -> str:
-    """``document`` with the section under :data:`HEADING` (up to the next ``## `` heading)
+def splice(document: str, heading: str, section: str) -> str:
+    """``document`` with the section under ``heading`` (up to the next ``## `` heading)
     replaced by ``section``, or ``section`` appended if there is none."""
     lines = document.rstrip("\n").split("\n")
-    start = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
+    start = next((i for i, line in enumerate(lines) if line == heading), None)
     if start is None:
         return "\n".join(lines + ["", section.rstrip("\n"), ""])
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
@@ -131,8 +139,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="both engines' seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", default="docs/saem_benchmark.md")
-    parser.add_argument("--figure", default=FIGURE)
+    parser.add_argument("--figure", default=None, help="default: one file per design size")
     args = parser.parse_args()
+    args.figure = args.figure or figure_path(args.varieties, args.markers)
     if args.threads:
         torch.set_num_threads(args.threads)
     simulated = simulate_design(
@@ -242,7 +251,7 @@ def main() -> None:
         + (f" --threads {args.threads}" if args.threads else "")
     )
     lines = [
-        HEADING + " (g2was with markers)",
+        section_heading(args.varieties, args.markers),
         "",
         f"`{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: {args.varieties} varieties "
         f"x 3 scenarios x 2 plants x 21 days, {args.markers} markers (simulator seed "
@@ -297,7 +306,13 @@ def main() -> None:
         )
     section = "\n".join(lines) + "\n"
     path = Path(args.out)
-    path.write_text(splice(path.read_text() if path.exists() else "", section))
+    path.write_text(
+        splice(
+            path.read_text() if path.exists() else "",
+            section_heading(args.varieties, args.markers),
+            section,
+        )
+    )
     print(section)
     for message in saem.warnings + svi.warnings + (svi_long.warnings if svi_long else []):
         print("warning:", message)
