@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,14 +106,21 @@ class GenotypeMatrix:
         monomorphic markers give 0."""
         return self._standardize(self._block(rows), slice(None))
 
-    def standardized_columns(self, columns: torch.Tensor) -> torch.Tensor:
-        """Standardised dosages of the markers ``columns`` (indices) for every row, float32
-        ``[n_varieties, len(columns)]``: a block of markers, e.g. for coordinate updates of
-        their effects. Missing genotypes and monomorphic markers give 0."""
-        return self._standardize(self._block(None)[:, columns], columns)
+    def standardized_columns(
+        self, columns: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Standardised dosages of the markers ``columns`` (indices) for every row,
+        ``[n_varieties, len(columns)]`` in ``dtype`` (default float32): a block of markers, e.g.
+        for coordinate updates of their effects. Missing genotypes and monomorphic markers give
+        0."""
+        return self._standardize(self._block(None)[:, columns], columns, dtype)
 
-    def _standardize(self, block: torch.Tensor, columns: torch.Tensor | slice) -> torch.Tensor:
-        values = (block.to(self.mean.dtype) - self.mean[columns]) / self.scale[columns]
+    def _standardize(
+        self, block: torch.Tensor, columns: torch.Tensor | slice, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        dtype = dtype or self.mean.dtype
+        mean, scale = self.mean[columns].to(dtype), self.scale[columns].to(dtype)
+        values = (block.to(dtype) - mean) / scale
         return values.masked_fill((block == MISSING_DOSAGE) | self.monomorphic[columns], 0.0)
 
     def standardized_matmul(
@@ -130,6 +138,37 @@ class GenotypeMatrix:
         values = self._float_block(rows, weights.dtype)
         scaled = weights / self.scale[:, None].to(weights)
         return values @ scaled - self.mean.to(weights) @ scaled
+
+    def standardized_rmatmul(
+        self, values: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``standardized(rows).T @ values`` without forming the standardised matrix, with one
+        int8 -> float conversion of the rows (as :meth:`standardized_matmul`).
+
+        :param values: ``[len(rows), K]`` (e.g. residuals per variety).
+        :returns: ``[n_markers, K]``.
+        """
+        block = self._float_block(rows, values.dtype)
+        centred = block.T @ values - self.mean.to(values)[:, None] * values.sum(0)
+        return centred / self.scale.to(values)[:, None]
+
+    def column_chunks(self, chunk_markers: int = 4096) -> Iterator[torch.Tensor]:
+        """Indices of consecutive markers, ``chunk_markers`` at a time (on the dosages'
+        device)."""
+        for start in range(0, self.n_markers, chunk_markers):
+            stop = min(start + chunk_markers, self.n_markers)
+            yield torch.arange(start, stop, device=self.dosages.device)
+
+    def standardized_gram(self, weights: torch.Tensor, chunk_markers: int = 4096) -> torch.Tensor:
+        """``Z diag(weights[:, k]) Z.T`` for every column ``k`` of ``weights`` ``[n_markers,
+        K]``, with ``Z = standardized()``: ``[K, n_varieties, n_varieties]`` in the dtype of
+        ``weights``, accumulated over chunks of ``chunk_markers`` markers (no float copy of the
+        whole matrix)."""
+        gram = weights.new_zeros(weights.shape[1], self.n_varieties, self.n_varieties)
+        for columns in self.column_chunks(chunk_markers):
+            z = self.standardized_columns(columns, weights.dtype)  # [V, C]
+            gram += (z * weights[columns].T[:, None, :]) @ z.T
+        return gram
 
     def _float_block(self, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The rows as floats, missing genotypes at the marker mean. The last result is kept

@@ -14,6 +14,8 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
+from pyro_nlme.export import GUIDE_MEAN
+
 MARKER_ID = re.compile(r"^chr(\d+)_(\d+)$")
 """Marker ids of the simulator (``chr01_000001``): chromosome and position rank."""
 STATISTICS = ("pip", "effect")
@@ -24,7 +26,8 @@ def marker_statistic(idata: az.InferenceData, statistic: str = "pip") -> xr.Data
 
     :param statistic: ``pip``: posterior mean of ``marker_effect_inclusion_probability`` (the
         posterior inclusion probability, spike-and-slab fits); ``effect``: absolute posterior
-        mean of ``marker_effect``.
+        mean of ``marker_effect``, the closed-form one of the ``guide_mean`` group where the
+        fit has it (:data:`~pyro_nlme.export.GUIDE_MEAN`), else the mean of the draws.
     :raises ValueError: if the fit has no such variable (e.g. a PIP asked of a ridge fit).
     """
     if statistic not in STATISTICS:
@@ -40,8 +43,11 @@ def marker_statistic(idata: az.InferenceData, statistic: str = "pip") -> xr.Data
                 else "it has no marker effects"
             )
         )
-    value = posterior[name].mean(("chain", "draw"))
-    return value if statistic == "pip" else abs(value)
+    if statistic == "pip":
+        return posterior[name].mean(("chain", "draw"))
+    if GUIDE_MEAN in idata.groups() and name in idata[GUIDE_MEAN]:
+        return abs(idata[GUIDE_MEAN][name])
+    return abs(posterior[name].mean(("chain", "draw")))
 
 
 def genome_positions(

@@ -27,6 +27,10 @@ from pyro_nlme.infer.util import ModelStructure, SiteInfo, model_structure, repl
 from pyro_nlme.model.convention import OBSERVED_SITE, model_coords, model_event_dims
 
 OBSERVATION_DIM = "observation"
+GUIDE_MEAN = "guide_mean"
+"""Group of closed-form posterior means of some sites, ``[*site dims]`` without chain and draw
+(SVI: marker effects fitted by a joint Gaussian coordinate-ascent factor, whose draws are too
+spread for a mean over draws)."""
 PACKAGES = ("pyro_nlme", "pyro-ppl", "torch", "arviz", "xarray", "numpy", "pandas")
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pyro_nlme.data import NLMEData
 from pyro_nlme.diagnostics.summary import posterior_table
-from pyro_nlme.export import to_inference_data
+from pyro_nlme.export import GUIDE_MEAN, to_inference_data
 from pyro_nlme.infer.checkpoint import load_checkpoint, save_checkpoint
 from pyro_nlme.infer.guides import build_guide
 from pyro_nlme.infer.guides.amortized import ENCODER, MARKER_LAYER
@@ -265,6 +265,29 @@ def _draw_from_guide(
     return {name: torch.stack(values)[None] for name, values in draws.items()}
 
 
+def _attach_guide_means(idata, guide: Callable, data: NLMEData) -> None:
+    """Add the ``guide_mean`` group where the guide has closed-form means of some sites: the
+    marker effects of a joint Gaussian coordinate-ascent factor
+    (:class:`~pyro_nlme.infer.guides.marker_cavi.GaussianCoordinateAscent`). Their draws'
+    marginal SDs can be as wide as the prior's while the mean is small, so a mean over draws
+    is mostly Monte-Carlo noise: rank effects and predict from this group instead."""
+    means = getattr(guide, "closed_form_means", lambda data: {})(data)
+    if not means:
+        return
+    group = xr.Dataset(
+        {
+            name: (idata.posterior[name].dims[2:], value.detach().cpu().numpy())
+            for name, value in means.items()
+        },
+        coords={
+            dim: idata.posterior[dim].values
+            for name in means
+            for dim in idata.posterior[name].dims[2:]
+        },
+    )
+    idata.add_groups({GUIDE_MEAN: group})
+
+
 def fit_svi(
     model: Callable,
     data: NLMEData,
@@ -385,6 +408,7 @@ def _fit_svi(
     )
     if data.markers is not None and model_kwargs.get("marker_form") == "kinship":
         attach_marker_effects(idata, data.markers)
+    _attach_guide_means(idata, guide, data)
     warnings = []
     if training.step >= config.max_steps and config.stopping is not None:
         warnings.append(

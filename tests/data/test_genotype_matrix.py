@@ -106,6 +106,24 @@ def test_nested_take_and_standardized_matmul(dosages):
     )
 
 
+def test_transposed_matmul_and_weighted_gram(dosages):
+    """``Z.T @ values`` and ``Z diag(w_k) Z.T`` against the float64 reference, missing and
+    monomorphic markers included, on a subset of rows and over several marker chunks."""
+    matrix = GenotypeMatrix.from_dosages(dosages, [f"m{j}" for j in range(12)])
+    rows = torch.tensor([30, 4, 2, 9, 17])
+    reference = reference_standardized(dosages)[rows.numpy()]
+    subset = matrix.take(rows)
+    values = torch.randn(5, 3, dtype=torch.float64)
+    np.testing.assert_allclose(
+        subset.standardized_rmatmul(values).numpy(), reference.T @ values.numpy(), atol=1e-5
+    )
+    weights = torch.rand(12, 2, dtype=torch.float64)
+    expected = np.stack([(reference * w) @ reference.T for w in weights.numpy().T])
+    np.testing.assert_allclose(
+        subset.standardized_gram(weights, chunk_markers=5).numpy(), expected, atol=1e-5
+    )
+
+
 def test_to_keeps_int8(dosages):
     matrix = GenotypeMatrix.from_dosages(dosages, [f"m{j}" for j in range(12)]).to("cpu")
     assert matrix.dosages.dtype == torch.int8

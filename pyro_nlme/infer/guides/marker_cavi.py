@@ -29,20 +29,25 @@ only the marker block is maximised by coordinate ascent instead of gradient step
 
 Effects whose prior is Gaussian given the other sites, ``b[m, k] ~ Normal(0, s[m, k])`` (the
 ridge prior, ``s`` from the genetic SD; the regularised horseshoe, ``s`` from the global, local
-and slab scales), get the same treatment with a single Gaussian component
-(:class:`GaussianFactor`): ``q(b[m, k]) = Normal(loc, var)``, ``var = 1 / (d + 1 / s ** 2)``,
-``loc = var * r``, the prior SD ``s`` at the guide's medians of its scales. Adam then fits the
+and slab scales), have a Gaussian optimal factor: the exact posterior of the working
+regression, jointly over all markers
+(:class:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior`, ``V x V``
+algebra only), the prior SDs ``s`` at the guide's medians of their scales. Adam then fits the
 scales given the factor. With the horseshoe's ``tau0`` of about 1e-6 and every effect moved
 by Adam, no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each
-update sets the effects to their conditional posterior given the current scales.
+update sets the effects to their conditional posterior given the current scales. A
+mean-field factor (one Normal per marker) is not used for them: its draws of ``Z @ b`` carry
+the sum of 60,000 marginal variances, which the response's SD then absorbed; under the
+horseshoe that widened the prior SDs in turn, and the fit blew up (docs/marker_priors.md).
 
-Approximations, on top of the mean-field family: the other sites enter at their guide medians
-(their guide means for Normal sites; for the scales ``1 / median ** 2`` stands for
-``E[1 / scale ** 2]``, and the genetic SD, which sets ``unit`` and the prior SDs, enters at
-its median: a variational-EM step for it), and markers ``n_blocks`` apart are updated
-together, each as if alone, with the block's step damped by an exact line search
-(:meth:`SpikeSlabFactor._update_block`), rather than one at a time; the fixed points are the
-same.
+Approximations, on top of the mean-field family (across sites): the other sites enter at their
+guide medians (their guide means for Normal sites; for the scales ``1 / median ** 2`` stands
+for ``E[1 / scale ** 2]``, which it underestimates by a Jensen gap that makes the horseshoe's
+global scale drift upwards at 60,000 markers (docs/marker_priors.md), and the genetic SD, which
+sets ``unit`` and the prior SDs, enters at its median: a variational-EM step for it), and the
+spike-and-slab's markers ``n_blocks`` apart are updated together, each as if alone, with the
+block's step damped by an exact line search (:meth:`SpikeSlabFactor._update_block`), rather
+than one at a time; the fixed points are the same.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ import torch
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
+from pyro_nlme.infer.guides.gaussian_regression import GaussianRegressionPosterior
 from pyro_nlme.infer.util import base_distribution
 from pyro_nlme.model.convention import VARIETY_DIM
 from pyro_nlme.model.marker_priors import MARKER_PLATE, SpikeSlabNormal
@@ -156,23 +162,21 @@ class MarkerCoordinateAscent:
             )
         self.shape = trace.nodes[site]["value"].shape
 
-    def factor(self):
-        """The current factor, whose tensors are views of the parameters (updated in place)."""
-        raise NotImplementedError
-
-    def _point(self, point: dict, factor) -> dict:
+    def _point(self, point: dict) -> dict:
         """The values of the other sites the working regression is read at."""
         return point
 
+    def _fit(self, markers: GenotypeMatrix, regression: WorkingRegression) -> None:
+        """Move the marker factor towards (or to) its optimum given ``regression``."""
+        raise NotImplementedError
+
     def update(self, data: NLMEData, **model_kwargs) -> None:
-        """``sweeps`` coordinate-ascent sweeps of the marker factor given the other sites at
-        their guide medians."""
-        factor = self.factor()
-        point = self._point(self.medians(data, subsample_size=None, **model_kwargs), factor)
+        """Update the marker factor given the other sites at their guide medians."""
+        point = self._point(self.medians(data, subsample_size=None, **model_kwargs))
         regression = working_regression(
             self.model, data, self.site, self.shape, self.response_site, point, model_kwargs
         )
-        factor.ascend(data.markers, regression, self.sweeps, self.n_blocks)
+        self._fit(data.markers, regression)
 
 
 class SpikeSlabCoordinateAscent(MarkerCoordinateAscent):
@@ -210,29 +214,59 @@ class SpikeSlabCoordinateAscent(MarkerCoordinateAscent):
             value = pyro.sample(self.site, posterior if self.shared else posterior.to_event(1))
         return {self.inclusion_site: inclusion, self.site: value}
 
-    def _point(self, point: dict, factor: SpikeSlabFactor) -> dict:
-        return {**point, self.inclusion_site: factor.inclusion_posterior().mean}
+    def _point(self, point: dict) -> dict:
+        return {**point, self.inclusion_site: self.factor().inclusion_posterior().mean}
+
+    def _fit(self, markers: GenotypeMatrix, regression: WorkingRegression) -> None:
+        """``sweeps`` blocked coordinate-ascent sweeps over the markers."""
+        self.factor().ascend(markers, regression, self.sweeps, self.n_blocks)
 
 
 class GaussianCoordinateAscent(MarkerCoordinateAscent):
-    """``q(b) = prod Normal(loc, sqrt(var))`` for effects with a Gaussian prior given their
-    scales (:class:`GaussianFactor`)."""
+    """For effects with a Gaussian prior given their scales, ``q(b)`` is the exact joint
+    posterior of the working regression
+    (:class:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior`), set
+    whole by each update; until the first, the prior at the model trace's scales. Its state
+    is the regression, ``{site}.cavi_{response, weight, unit, prior_variance}``; the
+    posterior is rebuilt (one ``V x V`` Cholesky per curve parameter) when that changes."""
+
+    _parts = ("response", "weight", "unit", "prior_variance")
 
     def __init__(self, model: Callable, trace: poutine.Trace, site: str, *args, **kwargs):
         super().__init__(model, trace, site, *args, **kwargs)
         prior = base_distribution(trace.nodes[site]["fn"])
         value = trace.nodes[site]["value"]
-        self._names = {part: f"{site}.cavi_{part}" for part in ("loc", "var")}
-        pyro.param(self._names["loc"], torch.zeros_like(value))
-        pyro.param(self._names["var"], (prior.scale.detach() ** 2).expand(value.shape).clone())
+        response = trace.nodes[self.response_site]
+        n_varieties = _per_variety(response["value"], response["fn"].event_dim).shape[0]
+        zeros = torch.zeros(n_varieties, value.shape[-1], dtype=value.dtype)
+        self._names = {part: f"{site}.cavi_{part}" for part in self._parts}
+        pyro.param(self._names["response"], zeros.clone())
+        pyro.param(self._names["weight"], zeros.clone())  # weight 0: the prior
+        pyro.param(self._names["unit"], torch.ones_like(value[0]))
+        variance = (prior.scale.detach() ** 2).expand(value.shape).clone()
+        pyro.param(self._names["prior_variance"], variance)
+        self._cached: tuple[tuple, GaussianRegressionPosterior] | None = None
 
-    def factor(self) -> GaussianFactor:
-        return GaussianFactor(*(pyro.param(self._names[part]).detach() for part in ("loc", "var")))
+    def posterior(self, markers: GenotypeMatrix) -> GaussianRegressionPosterior:
+        """The current factor (rebuilt only when its state or the markers changed)."""
+        state = [pyro.param(self._names[part]).detach() for part in self._parts]
+        key = (id(markers), *((x.data_ptr(), x._version) for x in state))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, GaussianRegressionPosterior(markers, *state))
+        return self._cached[1]
+
+    def _fit(self, markers: GenotypeMatrix, regression: WorkingRegression) -> None:
+        """Set the factor to the regression's exact posterior."""
+        values = (*regression[:3], regression.prior_variance[0])
+        for part, value in zip(self._parts, values, strict=True):
+            pyro.param(self._names[part]).detach().copy_(value)
 
     def __call__(self, data: NLMEData, *args, **kwargs) -> dict[str, torch.Tensor]:
-        factor = self.factor()
+        joint = pyro.sample(
+            f"_{self.site}_joint", self.posterior(data.markers), infer={"is_auxiliary": True}
+        )
         with self.marker_plate():
-            value = pyro.sample(self.site, dist.Normal(factor.loc, factor.var.sqrt()).to_event(1))
+            value = pyro.sample(self.site, dist.Delta(joint, event_dim=1))
         return {self.site: value}
 
 
@@ -260,53 +294,6 @@ class _BlockedAscent:
                 z = markers.standardized_columns(block).to(fitted)  # [V, B]
                 change = self._update_block(block, z, regression, context, fitted, effects)
                 fitted += z @ (regression.unit * change)
-
-
-def _prior_rows(prior_variance: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """``[C, B or 1, K]``: the rows ``block`` of per-marker prior variances ``[C, M, K]``, or
-    variances shared by the markers ``[C, 1, K]`` as they are."""
-    return prior_variance if prior_variance.shape[1] == 1 else prior_variance[:, block]
-
-
-@dataclass
-class GaussianFactor(_BlockedAscent):
-    """Mean-field factor ``q(b[m, k]) = Normal(loc, sqrt(var))`` of effects with a Gaussian
-    prior given their scales.
-
-    :ivar loc: ``[M, K]``.
-    :ivar var: ``[M, K]``.
-    """
-
-    loc: torch.Tensor
-    var: torch.Tensor
-
-    def mean(self) -> torch.Tensor:
-        return self.loc.clone()
-
-    def _sweep_context(self) -> None:
-        return None
-
-    def _update_block(self, block, z, regression, context, fitted, effects) -> torch.Tensor:
-        """Update markers ``block`` in place to their one-marker optimum (exact for
-        uncorrelated markers), the means moved by the fraction ``eta [K]`` of the step that
-        maximises the ELBO along it, clamped to ``[0, 1]`` (as in
-        :meth:`SpikeSlabFactor._update_block`); return the change of the means ``[B, K]``."""
-        unit, weight = regression.unit, regression.weight
-        precision = unit**2 * ((z**2).T @ weight)  # [B, K]
-        old = effects[block]
-        remaining = regression.response - fitted
-        residual = unit * (z.T @ (weight * remaining)) + precision * old
-        prior_var = _prior_rows(regression.prior_variance, block)[0]
-        var = 1.0 / (precision + 1.0 / prior_var)
-        step = var * residual - old
-        moved = z @ (unit * step)  # [V, K]
-        slope = (weight * remaining * moved).sum(0) - (old * step / prior_var).sum(0)
-        curvature = (weight * moved**2).sum(0) + (step**2 / prior_var).sum(0)
-        eta = torch.where(curvature > 0, slope / curvature, torch.ones_like(slope)).clamp(0, 1)
-        loc = old + eta * step
-        self.loc[block], self.var[block] = loc, var.expand_as(loc)
-        effects[block] = loc
-        return loc - old
 
 
 @dataclass
@@ -368,7 +355,7 @@ class SpikeSlabFactor(_BlockedAscent):
         precision = unit**2 * ((z**2).T @ weight)  # [B, K]
         old = effects[block]
         residual = unit * (z.T @ (weight * (regression.response - fitted))) + precision * old
-        prior_var = _prior_rows(regression.prior_variance, block)  # [2, B or 1, K]
+        prior_var = regression.prior_variance  # [2, 1, K]
         var = 1.0 / (precision + 1.0 / prior_var)  # [2, B, K]
         loc = var * residual
         # log Bayes factor of slab against spike, (loc / var) ** 2 var / 2 = residual ** 2 var / 2
@@ -484,7 +471,8 @@ class CoordinateAscentGuide(AutoGuideList):
     """A mean-field guide whose marker block is a :class:`SpikeSlabCoordinateAscent` or, for a
     Gaussian prior given its scales, a :class:`GaussianCoordinateAscent`:
     :meth:`coordinate_update` runs its update (the SVI engine calls it every
-    ``SVIConfig.cavi_every`` steps)."""
+    ``SVIConfig.cavi_every`` steps).
+    """
 
     def __init__(
         self,
@@ -512,16 +500,21 @@ class CoordinateAscentGuide(AutoGuideList):
         zeros = torch.zeros_like(trace.nodes[site]["value"])
         # the other sites start at their conditional prior medians given no marker effect
         # (as in a mean-field guide started at the prior medians), not given a prior draw
+        conditioned = poutine.condition(model, data={site: zeros})
         rest = AutoNormal(
-            poutine.block(
-                poutine.condition(model, data={site: zeros}),
-                hide=[site, *self.markers.hidden_sites],
-            ),
+            poutine.block(conditioned, hide=[site, *self.markers.hidden_sites]),
             init_loc_fn=init_loc_fn,
             init_scale=init_scale,
         )
         self.append(rest)
         self.append(self.markers)
+
+    def closed_form_means(self, data: NLMEData) -> dict[str, torch.Tensor]:
+        """``{site: E_q[b]}`` where the marker factor's mean is exact and its draws are too
+        spread for a mean over draws (the joint Gaussian factor); empty otherwise."""
+        if isinstance(self.markers, GaussianCoordinateAscent):
+            return {self.markers.site: self.markers.posterior(data.markers).mean}
+        return {}
 
     def coordinate_update(self, data: NLMEData, subsample_size=None, **model_kwargs) -> None:
         """Update the marker factor on the full data (``subsample_size`` is ignored)."""
