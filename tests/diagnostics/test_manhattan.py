@@ -8,6 +8,7 @@ import pytest
 import xarray as xr
 
 from pyro_nlme.diagnostics.manhattan import genome_positions, marker_statistic, plot_manhattan
+from pyro_nlme.export import GUIDE_MEAN
 
 MARKERS = ["chr01_000001", "chr01_000002", "chr02_000001", "chr02_000002", "chr02_000003"]
 PARAMETERS = ["log_asymptote", "log_rate", "inflection"]
@@ -42,6 +43,21 @@ def test_statistics_are_posterior_means():
     ridge = az.InferenceData(posterior=posterior[["marker_effect"]])
     with pytest.raises(ValueError, match="spike_slab"):
         marker_statistic(ridge, "pip")
+
+
+def test_effect_statistic_prefers_the_guide_mean():
+    """A fit with closed-form means (``guide_mean``) is ranked by them, not by its draws."""
+    idata = fake_fit(np.random.default_rng(1))
+    exact = np.random.default_rng(2).normal(size=(5, 3))
+    coords = {"marker": MARKERS, "curve_parameter": PARAMETERS}
+    idata.add_groups(
+        {
+            GUIDE_MEAN: xr.Dataset(
+                {"marker_effect": (("marker", "curve_parameter"), exact)}, coords=coords
+            )
+        }
+    )
+    np.testing.assert_allclose(marker_statistic(idata, "effect").values, np.abs(exact))
 
 
 def test_genome_positions_from_ids_or_file_order():
