@@ -6,7 +6,8 @@ SAEM fits the effects form (marker effects integrated out by the kernel-form M-s
 project's recommended configuration (``docs/svi.md``: amortised guide anchored at conditional
 modes, centred parametrisation, plateau stopping rule). Both forms have the same population
 sites. Replaces its own section of ``docs/saem_benchmark.md`` (the rest of the file is kept) and
-draws SAEM's convergence history to ``docs/figures/saem_target_design_convergence.png``.
+draws SAEM's convergence history to
+``docs/figures/saem_target_design_{varieties}x{markers}_convergence.png``.
 
     python benchmarks/saem_target_design.py --threads 1 [--varieties 40] [--markers 300]
 """
