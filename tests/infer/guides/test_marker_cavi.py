@@ -3,6 +3,7 @@ one-marker-at-a-time updates, and the guide inside an SVI fit of g2was."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -213,17 +214,8 @@ def test_cavi_resume_equals_uninterrupted(simulated_data, tmp_path, killed_after
     checkpoint = tmp_path / "run.pt"
 
     def config(**extra):
-        return SVIConfig(
-            guide="normal",
-            batch_size=8,
-            max_steps=24,
-            cavi_every=5,
-            marker_updates="cavi",
-            stopping=None,
-            num_draws=2,
-            progress=False,
-            checkpoint_every=10,
-            **extra,
+        return dataclasses.replace(
+            SHORT_CAVI_FIT, max_steps=24, num_draws=2, checkpoint_every=10, **extra
         )
 
     whole = fit_svi(g2was, simulated_data, config(), model_kwargs=kwargs)
