@@ -17,10 +17,12 @@ dominate the prior (60 varieties: the SDs of the variety-level effects are estim
 10%). Monte-Carlo errors as in ``benchmarks/nuts_coverage.py`` (binomial, and clustered by
 seed: the honest one). Writes ``docs/benchmarks/svi_coverage.{csv,md}`` (with
 ``--correlated-events``, a full covariance per plant's curve parameters:
-``svi_coverage_correlated.{csv,md}``) after every seed; ``--resume`` keeps the seeds already
-there.
+``svi_coverage_correlated.{csv,md}``; ``--stem`` names other files) after every seed;
+``--resume`` keeps the seeds already there.
 
     OMP_NUM_THREADS=1 python benchmarks/svi_coverage.py --seeds 10
+    OMP_NUM_THREADS=1 python benchmarks/svi_coverage.py --seeds 8 --varieties 250 \\
+        --markers 60000 --batch-size 64 --stem svi_coverage_target_design
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
         f"--max-steps {args.max_steps} --lr {args.lr} --lr-decay-steps {args.lr_decay_steps} "
         f"--draws {args.draws} --threads {args.threads}"
         + (" --correlated-events" if args.correlated_events else "")
+        + (f" --stem {args.stem}" if args.stem else "")
     )
     by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
     return "\n".join(
@@ -146,9 +149,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--correlated-events", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already written")
+    parser.add_argument(
+        "--stem",
+        help="output file stem in docs/benchmarks (default: svi_coverage, or "
+        "svi_coverage_correlated with --correlated-events)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    stem = "svi_coverage_correlated" if args.correlated_events else "svi_coverage"
+    stem = args.stem or ("svi_coverage_correlated" if args.correlated_events else "svi_coverage")
     csv = OUT / f"{stem}.csv"
     rows = pd.read_csv(csv).to_dict("records") if args.resume and csv.exists() else []
     done = {row["seed"] for row in rows}

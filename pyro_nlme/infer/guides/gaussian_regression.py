@@ -17,6 +17,21 @@ Z``. With ``M`` in the tens of thousands and ``V`` in the hundreds, everything g
 
 With every weight 0 it is the prior.
 
+**Global scale integrated out.** When every prior variance is proportional to the square of
+one scale per curve parameter, ``D_k(s) = (s_k / s0_k) ** 2 D_k`` (the ridge's genetic SD;
+the horseshoe's global scale, the slab aside), the effects integrate out in closed form:
+with ``S_k = unit_k^2 W_k^1/2 Z D_k Z' W_k^1/2 = Q diag(e) Q'``,
+``W_k^1/2 y_k ~ N(0, I + a S_k)``, ``a = (s_k / s0_k) ** 2``, so
+
+    log p(y_k | s_k) = -1/2 sum_i [log(1 + a e_i) + r_i^2 / (1 + a e_i)] + const,
+    r = Q' W_k^1/2 y_k
+
+(:meth:`GaussianRegressionPosterior.log_scale_posterior`). Updating ``s`` from this
+marginal likelihood, rather than from ``E_q[log p(b | s)]`` with ``q(b)`` built at the
+current ``s`` (EM), matters when ``M >> V``: ``b`` then pins ``s`` with a curvature of about
+``2 M`` in ``log s`` against ``O(V)`` from the data, and each EM step moves ``s`` by a
+fraction ``V / M`` of the way (docs/marker_priors.md).
+
 A mean-field factor (one independent Normal per marker) of this posterior leaks: its draws of
 ``Z @ b`` have variance ``sum_m Z[:, m]^2 var_m``, the sum of 60,000 marginal variances, where the
 joint posterior's is at most the residual variance ``1 / w``. Under the regularised horseshoe
@@ -33,6 +48,7 @@ import math
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Distribution
 
 from pyro_nlme.data import GenotypeMatrix
 
@@ -47,6 +63,8 @@ class GaussianRegressionPosterior(TorchDistribution):
     :param weight: ``[V, K]`` its precisions ``w``.
     :param unit: ``[K]`` the response's change per unit of ``Z @ b``.
     :param prior_variance: ``[M, K]`` the prior variances ``d``.
+    :param gram: ``[K, V, V]`` ``Z diag(d[:, k]) Z'`` in float64 if already known (one pass
+        over the dosages otherwise).
     """
 
     arg_constraints = {}
@@ -60,6 +78,7 @@ class GaussianRegressionPosterior(TorchDistribution):
         weight: torch.Tensor,
         unit: torch.Tensor,
         prior_variance: torch.Tensor,
+        gram: torch.Tensor | None = None,
         validate_args=None,
     ):
         self.markers, self.prior_variance = markers, prior_variance
@@ -67,15 +86,81 @@ class GaussianRegressionPosterior(TorchDistribution):
             x.to(torch.float64) for x in (response, weight, unit)
         )
         self.root_weight = self.weight.sqrt()
-        gram = markers.standardized_gram(prior_variance.to(torch.float64))  # [K, V, V]
+        if gram is None:
+            gram = markers.standardized_gram(prior_variance.to(torch.float64))
+        self.gram = gram  # [K, V, V]
         root = self.root_weight.T  # [K, V]
-        system = (self.unit[:, None, None] ** 2) * root[:, :, None] * gram * root[:, None, :]
+        self.system = (self.unit[:, None, None] ** 2) * root[:, :, None] * gram * root[:, None, :]
         identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        self.cholesky = torch.linalg.cholesky(system + identity)
+        self.cholesky = torch.linalg.cholesky(self.system + identity)
         self.loc = self._pull_back(self.root_weight * self.response)
         super().__init__(
             batch_shape=torch.Size(), event_shape=prior_variance.shape, validate_args=validate_args
         )
+
+    def rescaled(self, factor: torch.Tensor) -> GaussianRegressionPosterior:
+        """The posterior with every prior variance of curve parameter ``k`` multiplied by
+        ``factor[k]`` (``[K]``, > 0), from the stored Gram matrices (no pass over the
+        dosages)."""
+        factor = factor.to(torch.float64)
+        return GaussianRegressionPosterior(
+            self.markers,
+            self.response,
+            self.weight,
+            self.unit,
+            self.prior_variance * factor.to(self.prior_variance.dtype),
+            gram=self.gram * factor[:, None, None],
+        )
+
+    def log_scale_posterior(
+        self,
+        prior: Distribution,
+        reference: torch.Tensor,
+        half_width: float = 12.0,
+        resolution: float = 0.005,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Laplace approximation of the posterior of ``log s`` given the response, the effects
+        integrated out, for prior variances ``(s / reference) ** 2 * d`` (module docstring).
+
+        The log posterior (with the Jacobian of ``log``) is evaluated on a grid of
+        ``log s`` within ``half_width`` of ``log reference`` (step ``resolution``); its mode is
+        refined by a parabola through the best grid point and its neighbours, and the SD is
+        ``1 / sqrt(-curvature)`` there.
+
+        :param prior: the scale's prior, batch shape ``[K]`` (``log_prob`` of positive values).
+        :param reference: ``[K]`` the scale at which ``d`` is the prior variance.
+        :returns: ``(mode, sd)`` of ``log s``, ``[K]`` each.
+        :raises ValueError: if a mode lies on the grid's edge.
+        """
+        reference = reference.to(torch.float64)
+        eigenvalues, vectors = torch.linalg.eigh(self.system)  # [K, V], [K, V, V]
+        eigenvalues = eigenvalues.clamp(min=0)
+        projected = vectors.transpose(-1, -2) @ (self.root_weight * self.response).T[..., None]
+        squares = projected[..., 0] ** 2  # [K, V]
+        shift = torch.arange(-half_width, half_width + resolution / 2, resolution)
+        shift = shift.to(reference)
+
+        def log_posterior(shift: torch.Tensor) -> torch.Tensor:  # [G] or [G, K] -> [G, K]
+            shift = shift if shift.dim() == 2 else shift[:, None].expand(-1, len(reference))
+            spread = 1 + torch.exp(2 * shift)[..., None] * eigenvalues  # [G, K, V]
+            likelihood = -0.5 * (spread.log() + squares / spread).sum(-1)
+            log_scale = reference.log() + shift
+            return likelihood + prior.log_prob(log_scale.exp()).to(shift) + log_scale
+
+        values = log_posterior(shift)
+        best = values.argmax(0)  # [K]
+        if ((best == 0) | (best == len(shift) - 1)).any():
+            raise ValueError(
+                "the posterior mode of the log scale is on the edge of the grid "
+                f"(+-{half_width} around {reference.log().tolist()})"
+            )
+        columns = torch.arange(len(reference))
+        left, middle, right = (values[best + step, columns] for step in (-1, 0, 1))
+        mode = shift[best] + resolution * (left - right) / (2 * (left - 2 * middle + right))
+        at_mode = torch.stack([mode - resolution, mode, mode + resolution])
+        around = log_posterior(at_mode)
+        curvature = (around[0] - 2 * around[1] + around[2]) / resolution**2
+        return reference.log() + mode, (-curvature).rsqrt()
 
     def _pull_back(self, rhs: torch.Tensor) -> torch.Tensor:
         """``unit_k D_k Z' W_k^1/2 B_k^-1 rhs[:, k]``: ``[V, K]`` (float64) -> ``[M, K]`` in the

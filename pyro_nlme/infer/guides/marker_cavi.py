@@ -32,13 +32,23 @@ ridge prior, ``s`` from the genetic SD; the regularised horseshoe, ``s`` from th
 and slab scales), have a Gaussian optimal factor: the exact posterior of the working
 regression, jointly over all markers
 (:class:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior`, ``V x V``
-algebra only), the prior SDs ``s`` at the guide's medians of their scales. Adam then fits the
-scales given the factor. With the horseshoe's ``tau0`` of about 1e-6 and every effect moved
-by Adam, no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each
-update sets the effects to their conditional posterior given the current scales. A
-mean-field factor (one Normal per marker) is not used for them: its draws of ``Z @ b`` carry
-the sum of 60,000 marginal variances, which the response's SD then absorbed; under the
-horseshoe that widened the prior SDs in turn, and the fit blew up (docs/marker_priors.md).
+algebra only), the prior SDs ``s`` at the guide's medians of their scales. The *global* scale
+of these priors (the ridge's genetic SD, the horseshoe's global scale: the site whose square
+multiplies every prior variance, :func:`global_scale_site`) is not fitted by Adam but set at
+each update, before the factor, to the Laplace approximation of its posterior with the effects
+integrated out of the working regression
+(:meth:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior.log_scale_posterior`);
+the effects' factor is then conditional on its draw, ``q(s) q(b | s)``. Fitted by Adam against
+a factor built at its current value, the scale barely moved: 60,000 effects pin it with a
+curvature of about ``2 M`` in ``log s``, against ``O(V)`` from the data; on the sparse-QTL
+design the ridge's genetic SD of the inflection stayed within 1% of its start, three times the
+truth, for 1,000 steps (docs/marker_priors.md). Adam fits the other scales (the horseshoe's
+local scales and slab). With the horseshoe's ``tau0`` of about 1e-6 and every effect moved by
+Adam, no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each
+update sets the effects to their conditional posterior given the current scales. A mean-field
+factor (one Normal per marker) is not used for them: its draws of ``Z @ b`` carry the sum of
+60,000 marginal variances, which the response's SD then absorbed; under the horseshoe that
+widened the prior SDs in turn, and the fit blew up (docs/marker_priors.md).
 
 Approximations, on top of the mean-field family (across sites): the other sites enter at their
 guide medians (their guide means for Normal sites; for the scales ``1 / median ** 2`` stands
@@ -60,6 +70,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
@@ -112,6 +123,73 @@ def marker_effect_site(trace: poutine.Trace) -> str:
             f"(marker_prior='ridge', 'horseshoe' or 'spike_slab'), found {names}"
         )
     return names[0]
+
+
+SCALE_PROBE_TOLERANCE = 1e-3
+"""Relative tolerance of the checks of :func:`global_scale_site`."""
+
+
+def global_scale_site(
+    model: Callable, data: NLMEData, trace: poutine.Trace, site: str, model_kwargs: dict
+) -> str | None:
+    """The latent site ``s [K]`` (``K`` the effects' last dim) whose square multiplies the
+    prior variance of the Gaussian effects ``site`` for (almost) every marker, and that no
+    other site depends on: the ridge's genetic SD, the horseshoe's global scale (whose slab
+    caps a few large effects). ``None`` if the model has none.
+
+    Each positive ``[K]`` site outside the marker plate is probed by doubling it in
+    ``trace``: the effects' prior variance must quadruple for at least half of the markers of
+    each curve parameter, and the log-density of every other site must not change. Its prior
+    must not depend on other latent sites (checked against a second trace of the model).
+    """
+    kwargs = {"subsample_size": None, **model_kwargs}
+    values = {
+        name: node["value"]
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"]
+    }
+
+    def trace_with(changed: dict) -> poutine.Trace:
+        conditioned = poutine.condition(model, data={**values, **changed})
+        return poutine.trace(conditioned).get_trace(data, **kwargs)
+
+    def log_probs(tr: poutine.Trace, skip: set) -> dict:
+        return {
+            name: node["fn"].log_prob(node["value"]).sum()
+            for name, node in tr.nodes.items()
+            if node["type"] == "sample" and name not in skip
+        }
+
+    shape = values[site].shape[-1:]
+    variance = base_distribution(trace.nodes[site]["fn"]).scale.detach() ** 2
+    for name, node in trace.nodes.items():
+        if (
+            name not in values
+            or name == site
+            or node["value"].shape != shape
+            or any(frame.name == MARKER_PLATE for frame in node["cond_indep_stack"])
+            or base_distribution(node["fn"]).support
+            not in (constraints.positive, constraints.nonnegative)
+        ):
+            continue
+        probe = trace_with({name: 2 * values[name]})
+        ratio = base_distribution(probe.nodes[site]["fn"]).scale.detach() ** 2 / variance
+        quadrupled = ((ratio - 4).abs() < 4 * SCALE_PROBE_TOLERANCE).float()
+        if (quadrupled.expand(values[site].shape).mean(0) < 0.5).any():
+            continue
+        before, after = log_probs(trace, {site, name}), log_probs(probe, {site, name})
+        if any(
+            not torch.isclose(before[key], after[key], rtol=SCALE_PROBE_TOLERANCE) for key in before
+        ):
+            continue
+        other = poutine.trace(model).get_trace(data, **kwargs).nodes[name]["fn"]
+        if not torch.allclose(other.log_prob(values[name]), node["fn"].log_prob(values[name])):
+            raise ValueError(
+                f"the prior of the global scale {name!r} of {site!r} depends on other latent "
+                "sites: coordinate-ascent marker updates need it fixed"
+            )
+        return name
+    return None
 
 
 class MarkerCoordinateAscent:
@@ -228,46 +306,106 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
     (:class:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior`), set
     whole by each update; until the first, the prior at the model trace's scales. Its state
     is the regression, ``{site}.cavi_{response, weight, unit, prior_variance}``; the
-    posterior is rebuilt (one ``V x V`` Cholesky per curve parameter) when that changes."""
+    posterior is rebuilt (one ``V x V`` Cholesky per curve parameter) when that changes.
+
+    With ``scale_site`` (:func:`global_scale_site`), that site's factor is
+    ``LogNormal({site}.cavi_scale_loc, {site}.cavi_scale_sd)``, set by each update to the
+    Laplace approximation of its posterior with the effects integrated out (module
+    docstring), and ``q(b | s)`` is the factor with the prior variances
+    ``(s / {site}.cavi_scale_reference) ** 2 * prior_variance``.
+
+    :param scale_site: the global scale site, or ``None``.
+    :param scale_init: ``[K]`` its initial median (e.g. from the guide's ``init_loc_fn``).
+    :param scale_init_sd: the initial SD of its log.
+    """
 
     _parts = ("response", "weight", "unit", "prior_variance")
+    _scale_parts = ("scale_loc", "scale_sd", "scale_reference")
 
-    def __init__(self, model: Callable, trace: poutine.Trace, site: str, *args, **kwargs):
+    def __init__(
+        self,
+        model: Callable,
+        trace: poutine.Trace,
+        site: str,
+        *args,
+        scale_site: str | None = None,
+        scale_init: torch.Tensor | None = None,
+        scale_init_sd: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(model, trace, site, *args, **kwargs)
         prior = base_distribution(trace.nodes[site]["fn"])
         value = trace.nodes[site]["value"]
         response = trace.nodes[self.response_site]
         n_varieties = _per_variety(response["value"], response["fn"].event_dim).shape[0]
         zeros = torch.zeros(n_varieties, value.shape[-1], dtype=value.dtype)
-        self._names = {part: f"{site}.cavi_{part}" for part in self._parts}
+        self._names = {part: f"{site}.cavi_{part}" for part in (*self._parts, *self._scale_parts)}
         pyro.param(self._names["response"], zeros.clone())
         pyro.param(self._names["weight"], zeros.clone())  # weight 0: the prior
         pyro.param(self._names["unit"], torch.ones_like(value[0]))
         variance = (prior.scale.detach() ** 2).expand(value.shape).clone()
         pyro.param(self._names["prior_variance"], variance)
+        self.scale_site, self.scale_prior = scale_site, None
+        if scale_site is not None:
+            self.hidden_sites = (scale_site,)
+            self.scale_prior = base_distribution(trace.nodes[scale_site]["fn"])
+            reference = trace.nodes[scale_site]["value"].detach()
+            pyro.param(self._names["scale_loc"], scale_init.detach().log().clone())
+            pyro.param(self._names["scale_sd"], torch.full_like(reference, scale_init_sd))
+            pyro.param(self._names["scale_reference"], reference.clone())
         self._cached: tuple[tuple, GaussianRegressionPosterior] | None = None
 
+    def _state(self, parts) -> list[torch.Tensor]:
+        return [pyro.param(self._names[part]).detach() for part in parts]
+
+    def _key(self, markers: GenotypeMatrix) -> tuple:
+        return (id(markers), *((x.data_ptr(), x._version) for x in self._state(self._parts)))
+
     def posterior(self, markers: GenotypeMatrix) -> GaussianRegressionPosterior:
-        """The current factor (rebuilt only when its state or the markers changed)."""
-        state = [pyro.param(self._names[part]).detach() for part in self._parts]
-        key = (id(markers), *((x.data_ptr(), x._version) for x in state))
+        """The current factor at the scale's reference value (rebuilt only when its state or
+        the markers changed)."""
+        key = self._key(markers)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, GaussianRegressionPosterior(markers, *state))
+            self._cached = (key, GaussianRegressionPosterior(markers, *self._state(self._parts)))
         return self._cached[1]
 
+    def scale_posterior(self) -> dist.LogNormal:
+        """``q(s)``, batch shape ``[K]`` (only with a ``scale_site``)."""
+        loc, sd = self._state(("scale_loc", "scale_sd"))
+        return dist.LogNormal(loc, sd)
+
+    def _point(self, point: dict) -> dict:
+        if self.scale_site is None:
+            return point
+        return {**point, self.scale_site: self.scale_posterior().loc.exp()}
+
     def _fit(self, markers: GenotypeMatrix, regression: WorkingRegression) -> None:
-        """Set the factor to the regression's exact posterior."""
-        values = (*regression[:3], regression.prior_variance[0])
+        """Set the scale's factor (if any), then the effects' factor at its median."""
+        posterior = GaussianRegressionPosterior(
+            markers, *regression[:3], regression.prior_variance[0]
+        )
+        if self.scale_site is not None:
+            reference = self.scale_posterior().loc.exp()  # the scale ``regression`` was read at
+            loc, sd = posterior.log_scale_posterior(self.scale_prior, reference)
+            posterior = posterior.rescaled(torch.exp(2 * (loc - reference.log())))
+            for part, value in zip(self._scale_parts, (loc, sd, loc.exp()), strict=True):
+                pyro.param(self._names[part]).detach().copy_(value)
+        values = (*regression[:3], posterior.prior_variance)
         for part, value in zip(self._parts, values, strict=True):
             pyro.param(self._names[part]).detach().copy_(value)
+        self._cached = (self._key(markers), posterior)
 
     def __call__(self, data: NLMEData, *args, **kwargs) -> dict[str, torch.Tensor]:
-        joint = pyro.sample(
-            f"_{self.site}_joint", self.posterior(data.markers), infer={"is_auxiliary": True}
-        )
+        posterior, values = self.posterior(data.markers), {}
+        if self.scale_site is not None:
+            scale = pyro.sample(self.scale_site, self.scale_posterior().to_event(1))
+            (reference,) = self._state(("scale_reference",))
+            posterior = posterior.rescaled((scale / reference) ** 2)
+            values[self.scale_site] = scale
+        joint = pyro.sample(f"_{self.site}_joint", posterior, infer={"is_auxiliary": True})
         with self.marker_plate():
-            value = pyro.sample(self.site, dist.Delta(joint, event_dim=1))
-        return {self.site: value}
+            values[self.site] = pyro.sample(self.site, dist.Delta(joint, event_dim=1))
+        return values
 
 
 class _BlockedAscent:
@@ -489,6 +627,13 @@ class CoordinateAscentGuide(AutoGuideList):
         site = marker_effect_site(trace)
         spike_slab = isinstance(base_distribution(trace.nodes[site]["fn"]), SpikeSlabNormal)
         part = SpikeSlabCoordinateAscent if spike_slab else GaussianCoordinateAscent
+        options = {}
+        if part is GaussianCoordinateAscent:
+            scale_site = global_scale_site(model, data, trace, site, model_kwargs)
+            if scale_site is not None:
+                start = init_loc_fn(trace.nodes[scale_site])
+                options = {"scale_site": scale_site, "scale_init": start}
+                options["scale_init_sd"] = init_scale
         self.markers = part(
             model,
             trace,
@@ -496,6 +641,7 @@ class CoordinateAscentGuide(AutoGuideList):
             response_site,
             lambda *args, **kwargs: self[0].median(*args, **kwargs),
             marker_plate=lambda: self.plates[MARKER_PLATE],
+            **options,
         )
         zeros = torch.zeros_like(trace.nodes[site]["value"])
         # the other sites start at their conditional prior medians given no marker effect

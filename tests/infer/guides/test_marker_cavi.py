@@ -8,12 +8,18 @@ import math
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from scipy import stats
 
 from pyro_nlme.data import GenotypeMatrix
-from pyro_nlme.infer.guides.marker_cavi import SpikeSlabFactor, WorkingRegression
+from pyro_nlme.infer.guides.marker_cavi import (
+    SpikeSlabFactor,
+    WorkingRegression,
+    global_scale_site,
+)
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme_models.g2was import g2was
 
@@ -146,13 +152,44 @@ def test_blocked_updates_converge_under_population_structure():
     assert_selects(factor, effects)
 
 
+GLOBAL_SCALES = {"ridge": "genetic_sd", "horseshoe": "marker_effect_global_scale"}
+
+
+@pytest.mark.parametrize("prior", ["ridge", "horseshoe"])
+def test_global_scale_site_of_g2was(simulated_data, prior):
+    kwargs = {"marker_prior": prior, "parametrization": "centred", "subsample_size": None}
+    trace = poutine.trace(g2was).get_trace(simulated_data, **kwargs)
+    found = global_scale_site(g2was, simulated_data, trace, "marker_effect", kwargs)
+    assert found == GLOBAL_SCALES[prior]
+
+
+def test_a_scale_with_another_child_is_not_a_global_scale(simulated_data):
+    """A scale that also sets another site's prior cannot be updated from the effects alone."""
+
+    def model(data, subsample_size=None):
+        scale = pyro.sample("scale", dist.HalfNormal(torch.ones(2)).to_event(1))
+        pyro.sample("other", dist.Normal(0.0, scale).to_event(1))
+        with pyro.plate("marker", 50, dim=-1):
+            pyro.sample("effect", dist.Normal(torch.zeros(2), scale).to_event(1))
+
+    trace = poutine.trace(model).get_trace(simulated_data)
+    assert global_scale_site(model, simulated_data, trace, "effect", {}) is None
+
+
 @pytest.mark.parametrize("prior", ["ridge", "horseshoe"])
 def test_cavi_guide_fits_gaussian_marker_priors(simulated_data, prior):
     """Ridge and horseshoe effects by coordinate ascent: the effects stay centred (no
     ``*_decentered`` site), the factor's state (its working regression) is in the parameter
-    store, the fit exports, with the factor's exact mean in the ``guide_mean`` group."""
+    store, the global scale's factor is set by the updates (not by Adam: no AutoNormal
+    parameter), the fit exports, with the factor's exact mean in the ``guide_mean`` group."""
     kwargs = {"marker_prior": prior, "parametrization": "centred"}
     fit = fit_svi(g2was, simulated_data, SHORT_CAVI_FIT, model_kwargs=kwargs)
+    scale = GLOBAL_SCALES[prior]
+    assert not any(name.endswith(f"locs.{scale}") for name in pyro.get_param_store())
+    sd = pyro.param("marker_effect.cavi_scale_sd")
+    assert sd.shape == (3,) and (sd > 0).all() and (sd < 1).all()
+    draws = fit.inference_data.posterior[scale].values
+    assert draws.shape == (1, 4, 3) and (draws.std(1) > 0).all()
     variance = pyro.param("marker_effect.cavi_prior_variance")
     assert variance.shape == (simulated_data.n_markers, 3)
     assert pyro.param("marker_effect.cavi_weight").shape == (simulated_data.n_varieties, 3)
