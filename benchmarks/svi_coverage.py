@@ -78,6 +78,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         noncentred_sites=("genetic_value_component",),
         num_draws=args.draws,
         correlated_events=args.correlated_events,
+        correlated_plates=tuple(args.correlated_plates),
+        exact_levels=tuple(args.exact_levels),
         seed=seed,
         progress=False,
     )
@@ -106,13 +108,18 @@ def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
         f"--max-steps {args.max_steps} --lr {args.lr} --lr-decay-steps {args.lr_decay_steps} "
         f"--draws {args.draws} --threads {args.threads}"
         + (" --correlated-events" if args.correlated_events else "")
+        + "".join(f" --correlated-plates {name}" for name in args.correlated_plates)
+        + "".join(f" --exact-levels {name}" for name in args.exact_levels)
         + (f" --stem {args.stem}" if args.stem else "")
     )
     by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
     return "\n".join(
         [
             "# SVI 90% interval coverage on simulated designs (amortised guide"
-            + (", correlated events)" if args.correlated_events else ")"),
+            + (", correlated events" if args.correlated_events else "")
+            + "".join(f", correlated over {name}" for name in args.correlated_plates)
+            + "".join(f", {name} exact" for name in args.exact_levels)
+            + ")",
             "",
             f"Command: `{command}`",
             "",
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--correlated-events", action="store_true")
+    parser.add_argument("--correlated-plates", nargs="*", default=[])
+    parser.add_argument("--exact-levels", nargs="*", default=[])
     parser.add_argument("--resume", action="store_true", help="keep the seeds already written")
     parser.add_argument(
         "--stem",

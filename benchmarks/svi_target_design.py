@@ -75,6 +75,9 @@ def one_fit(args) -> dict:
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
         noncentred_sites=tuple(args.noncentred_sites),
+        correlated_events=args.correlated_events,
+        correlated_plates=tuple(args.correlated_plates),
+        exact_levels=tuple(args.exact_levels),
         seed=args.seed,
         progress=False,
         num_draws=args.draws,
@@ -237,6 +240,11 @@ def main() -> None:
         "--noncentred-sites", nargs="*", default=["genetic_value_component"], metavar="SITE"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument(
+        "--correlated-events", action="store_true", help="amortised guide (docs/svi.md)"
+    )
+    parser.add_argument("--correlated-plates", nargs="*", default=[])
+    parser.add_argument("--exact-levels", nargs="*", default=[])
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -268,7 +276,11 @@ def main() -> None:
         args.device,
         "--noncentred-sites",
         *args.noncentred_sites,
-    ]
+        "--correlated-plates",
+        *args.correlated_plates,
+        "--exact-levels",
+        *args.exact_levels,
+    ] + (["--correlated-events"] if args.correlated_events else [])
     decay = args.lr_decay_steps or args.max_steps
     runs = [("amortized", seed, args.max_steps, decay) for seed in range(args.runs)] + [
         ("normal", 0, args.max_steps, decay)
@@ -303,7 +315,14 @@ def main() -> None:
         f"Design: {args.varieties} varieties x 3 scenarios x 2 plants x 21 days, "
         f"{args.markers} markers, {args.heldout} held-out varieties (markers only); "
         f"{args.marker_form} form, {args.parametrization}, non-centred: "
-        f"{', '.join(args.noncentred_sites) or 'none'}; batch {args.batch_size}, "
+        f"{', '.join(args.noncentred_sites) or 'none'}; amortised guide's individual level: "
+        + (
+            "correlated events" + "".join(f" over {name}" for name in args.correlated_plates)
+            if args.correlated_events
+            else "diagonal"
+        )
+        + "".join(f", {name} exact" for name in args.exact_levels)
+        + f"; batch {args.batch_size}, "
         f"lr {args.lr} decaying to {SVIConfig().lr_final} over {decay} steps, "
         f"at most {args.max_steps} steps"
         + (

@@ -124,6 +124,8 @@ def command_fit(args: argparse.Namespace) -> int:
             noncentred_sites=tuple(args.noncentred_sites),
             marker_updates=args.marker_updates,
             correlated_events=args.correlated_events,
+            correlated_plates=tuple(args.correlated_plates),
+            exact_levels=tuple(args.exact_levels),
             num_draws=args.draws,
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
@@ -284,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="amortised guide: a full covariance over each plant's (each cell's) curve "
         "parameters (docs/svi.md: closer individual-level SDs, a biased plant SD)",
+    )
+    svi.add_argument(
+        "--correlated-plates",
+        nargs="*",
+        default=[],
+        help="with --correlated-events, plates whose cells are correlated too (g2was: plant, "
+        "one joint Gaussian over all plants of a variety x scenario)",
+    )
+    svi.add_argument(
+        "--exact-levels",
+        nargs="*",
+        default=[],
+        help="amortised guide: centred Gaussian levels drawn from their exact conditional "
+        "given their child level (g2was centred: variety_scenario_parameter)",
     )
     svi.add_argument("--draws", type=int, default=200, help="posterior draws to export")
     svi.add_argument("--checkpoint", help="checkpoint file (written every --checkpoint-every)")

@@ -128,7 +128,13 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
                 "4",
                 "--max-steps",
                 "20",
+                "--parametrization",
+                "centred",
                 "--correlated-events",
+                "--correlated-plates",
+                "plant",
+                "--exact-levels",
+                "variety_scenario_parameter",
                 "--draws",
                 "5",
                 "--no-progress",
@@ -140,6 +146,8 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
     )
     settings = json.loads(az.from_netcdf(str(marker_fit)).posterior.attrs["settings"])
     assert settings["correlated_events"] is True
+    assert settings["correlated_plates"] == ["plant"]
+    assert settings["exact_levels"] == ["variety_scenario_parameter"]
     assert "scenario_mean[well_watered, log_asymptote]" in capsys.readouterr().out
     prediction = tmp_path / "prediction.nc"
     assert (

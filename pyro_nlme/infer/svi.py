@@ -98,6 +98,13 @@ class SVIConfig:
         site's event dim (a plant's curve parameters) instead of a diagonal one
         (:class:`~pyro_nlme.infer.guides.AmortizedGuide`): individual-level posterior SDs
         near NUTS's, but a random-effect SD biased (docs/svi.md).
+    :param correlated_plates: with ``correlated_events``, plates whose cells are correlated
+        too: ``("plant",)`` gives all plants of a variety x scenario one joint Gaussian over
+        their curve parameters.
+    :param exact_levels: in the amortised guide, centred Gaussian levels drawn from their
+        exact conditional given the population and their child level (g2was centred:
+        ``variety_scenario_parameter`` given its plants), not from the encoder
+        (:class:`~pyro_nlme.infer.guides.AmortizedGuide`).
     :param noncentred_sites: latent sites with a location-scale prior fitted non-centred
         (besides per-marker effects, always): a weakly informed level in a model whose other
         levels are better centred, ``("genetic_value_component",)`` for ``g2was`` in the
@@ -142,6 +149,8 @@ class SVIConfig:
     rank: int | None = None
     coupling: bool = True
     correlated_events: bool = False
+    exact_levels: tuple[str, ...] = ()
+    correlated_plates: tuple[str, ...] = ()
     noncentred_sites: tuple[str, ...] = ()
     marker_updates: str = "gradient"
     cavi_every: int = 10
@@ -359,6 +368,8 @@ def _fit_svi(
                 "coupled_sites": summary_sites(model, structure) if config.coupling else (),
                 "anchors": anchors,
                 "correlated_events": config.correlated_events,
+                "exact_levels": config.exact_levels,
+                "correlated_plates": config.correlated_plates,
             }
             if config.guide == "amortized"
             else {}

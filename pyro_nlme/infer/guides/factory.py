@@ -119,6 +119,7 @@ def build_guide(
             structure,
             init_scale=init_scale,
             init_loc_fn=init_loc_fn,
+            model_kwargs=model_kwargs,
             **amortized_options,
         )
     raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")

@@ -41,23 +41,24 @@ integrated out of the working regression
 the effects' factor is then conditional on its draw, ``q(s) q(b | s)``. Fitted by Adam against
 a factor built at its current value, the scale barely moved: 60,000 effects pin it with a
 curvature of about ``2 M`` in ``log s``, against ``O(V)`` from the data; on the sparse-QTL
-design the ridge's genetic SD of the inflection stayed within 1% of its start, three times the
-truth, for 1,000 steps (docs/marker_priors.md). Adam fits the other scales (the horseshoe's
-local scales and slab). With the horseshoe's ``tau0`` of about 1e-6 and every effect moved by
-Adam, no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each
-update sets the effects to their conditional posterior given the current scales. A mean-field
-factor (one Normal per marker) is not used for them: its draws of ``Z @ b`` carry the sum of
-60,000 marginal variances, which the response's SD then absorbed; under the horseshoe that
-widened the prior SDs in turn, and the fit blew up (docs/marker_priors.md).
+design the ridge's genetic SD of the inflection stayed at 2.8-3.1, about three times the truth,
+over 1,000 steps (docs/marker_priors.md). Adam fits the other scales (the horseshoe's local
+scales and slab). With the horseshoe's ``tau0`` of about 1e-6 and every effect moved by Adam,
+no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each update sets
+the effects to their conditional posterior given the current scales. A mean-field factor (one
+Normal per marker) is not used for them: its draws of ``Z @ b`` carry the sum of 60,000
+marginal variances, which the response's SD then absorbed; under the horseshoe that widened the
+prior SDs in turn, and the fit blew up (docs/marker_priors.md).
 
 Approximations, on top of the mean-field family (across sites): the other sites enter at their
 guide medians (their guide means for Normal sites; for the scales ``1 / median ** 2`` stands
-for ``E[1 / scale ** 2]``, which it underestimates by a Jensen gap that makes the horseshoe's
-global scale drift upwards at 60,000 markers (docs/marker_priors.md), and the genetic SD, which
-sets ``unit`` and the prior SDs, enters at its median: a variational-EM step for it), and the
-spike-and-slab's markers ``n_blocks`` apart are updated together, each as if alone, with the
-block's step damped by an exact line search (:meth:`SpikeSlabFactor._update_block`), rather
-than one at a time; the fixed points are the same.
+for ``E[1 / scale ** 2]``, which it underestimates by a Jensen gap; the spike-and-slab's
+genetic SD, which sets its prior SDs, enters at its median: a variational-EM step for it); the
+global scale's Laplace posterior holds the horseshoe's slab at the current scales within an
+update; and the spike-and-slab's markers ``n_blocks`` apart are updated together, each as if
+alone, with the block's step damped by an exact line search
+(:meth:`SpikeSlabFactor._update_block`), rather than one at a time; the fixed points are the
+same.
 """
 
 from __future__ import annotations
