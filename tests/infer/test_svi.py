@@ -97,17 +97,28 @@ def test_export_schema_and_netcdf_round_trip(tiny, tmp_path):
         xr.testing.assert_identical(idata[group], back[group])
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path, killed_after):
-    config = SVIConfig(batch_size=4, max_steps=40, checkpoint_every=10, **QUICK)
+JOINT_CELLS = {
+    "correlated_events": True,
+    "correlated_plates": ("plant",),
+    "exact_levels": ("variety_scenario_parameter",),
+}
+"""The README's guide options (centred g2was)."""
+
+
+@pytest.mark.parametrize("guide_options", [{}, JOINT_CELLS], ids=["default", "joint_cells"])
+def test_resume_equals_uninterrupted(tiny, tmp_path, killed_after, guide_options):
+    options = {**guide_options, **QUICK}
+    kwargs = {"parametrization": "centred"} if guide_options else {}
+    config = SVIConfig(batch_size=4, max_steps=40, checkpoint_every=10, **options)
     pyro.set_rng_seed(0)
-    whole = fit_svi(g2was, tiny, config)
+    whole = fit_svi(g2was, tiny, config, model_kwargs=kwargs)
 
     checkpoint = tmp_path / "run.pt"
     interrupted = SVIConfig(
-        batch_size=4, max_steps=40, checkpoint_every=10, checkpoint_path=str(checkpoint), **QUICK
+        batch_size=4, max_steps=40, checkpoint_every=10, checkpoint_path=str(checkpoint), **options
     )
     with killed_after(25):
-        fit_svi(g2was, tiny, interrupted)
+        fit_svi(g2was, tiny, interrupted, model_kwargs=kwargs)
     resumed = fit_svi(
         g2was,
         tiny,
@@ -117,11 +128,13 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, killed_after):
             checkpoint_every=10,
             checkpoint_path=str(checkpoint),
             resume=True,
-            **QUICK,
+            **options,
         ),
+        model_kwargs=kwargs,
     )
     np.testing.assert_array_equal(resumed.history["loss"], whole.history["loss"])
-    for name in ("scenario_mean", "noise_sd", "variety_scenario_effect"):
+    level = "variety_scenario_parameter" if guide_options else "variety_scenario_effect"
+    for name in ("scenario_mean", "noise_sd", level):
         np.testing.assert_array_equal(
             resumed.inference_data.posterior[name].values,
             whole.inference_data.posterior[name].values,
