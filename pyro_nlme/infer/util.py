@@ -79,6 +79,39 @@ def trace_model(model: Callable, data: NLMEData, **model_kwargs) -> poutine.Trac
         return poutine.trace(model).get_trace(data, **model_kwargs)
 
 
+def sites_moved_by(
+    model: Callable,
+    data: NLMEData,
+    trace: poutine.Trace,
+    changes: dict[str, torch.Tensor],
+    model_kwargs: dict,
+    rtol: float = 0.0,
+) -> tuple[poutine.Trace, list[str]]:
+    """Re-trace ``model`` with every latent site at its value in ``trace`` but ``changes``;
+    return the new trace and the sample sites (observed ones included, changed ones not)
+    whose log-density moved beyond ``rtol``: the sites that depend on the changed ones."""
+    values = {
+        name: node["value"]
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"]
+    }
+    conditioned = poutine.condition(model, data={**values, **changes})
+    moved = poutine.trace(conditioned).get_trace(data, **model_kwargs)
+    dependent = [
+        name
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample"
+        and name not in changes
+        and not torch.allclose(
+            node["fn"].log_prob(node["value"]),
+            moved.nodes[name]["fn"].log_prob(moved.nodes[name]["value"]),
+            rtol=rtol,
+            atol=0.0,
+        )
+    ]
+    return moved, dependent
+
+
 def model_structure(model: Callable, data: NLMEData, **model_kwargs) -> ModelStructure:
     """Classify a model's sites: population-level latents (outside the variety plate),
     individual-level latents (inside it), observed sites and deterministic sites.

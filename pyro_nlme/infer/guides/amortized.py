@@ -35,6 +35,7 @@ from pyro_nlme.infer.util import (
     SiteInfo,
     base_distribution,
     is_real_support,
+    sites_moved_by,
     trace_model,
 )
 from pyro_nlme.model.convention import CURVE_SITE, VARIETY_DIM, VARIETY_PLATE
@@ -257,24 +258,7 @@ def exact_level(model: Callable, data: NLMEData, info: SiteInfo, model_kwargs: d
     node = trace.nodes[info.name]
     if type(base_distribution(node["fn"])) is not dist.Normal:
         raise ValueError(f"exact level {info.name!r}: its prior must be Normal")
-    values = {
-        name: site["value"]
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-    }
-    moved = poutine.trace(
-        poutine.condition(model, data={**values, info.name: values[info.name] + 1.0})
-    ).get_trace(data, **kwargs)
-    changed = [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and name != info.name
-        and not torch.equal(
-            site["fn"].log_prob(site["value"]),
-            moved.nodes[name]["fn"].log_prob(moved.nodes[name]["value"]),
-        )
-    ]
+    _, changed = sites_moved_by(model, data, trace, {info.name: node["value"] + 1.0}, kwargs)
     child = trace.nodes[changed[0]] if len(changed) == 1 else None
     if (
         child is None

@@ -76,7 +76,7 @@ from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
 from pyro_nlme.infer.guides.gaussian_regression import GaussianRegressionPosterior
-from pyro_nlme.infer.util import base_distribution
+from pyro_nlme.infer.util import base_distribution, sites_moved_by, trace_model
 from pyro_nlme.model.convention import VARIETY_DIM
 from pyro_nlme.model.marker_priors import MARKER_PLATE, SpikeSlabNormal
 
@@ -144,47 +144,28 @@ def global_scale_site(
     must not depend on other latent sites (checked against a second trace of the model).
     """
     kwargs = {"subsample_size": None, **model_kwargs}
-    values = {
-        name: node["value"]
-        for name, node in trace.nodes.items()
-        if node["type"] == "sample" and not node["is_observed"]
-    }
-
-    def trace_with(changed: dict) -> poutine.Trace:
-        conditioned = poutine.condition(model, data={**values, **changed})
-        return poutine.trace(conditioned).get_trace(data, **kwargs)
-
-    def log_probs(tr: poutine.Trace, skip: set) -> dict:
-        return {
-            name: node["fn"].log_prob(node["value"]).sum()
-            for name, node in tr.nodes.items()
-            if node["type"] == "sample" and name not in skip
-        }
-
-    shape = values[site].shape[-1:]
+    values = trace.nodes[site]["value"]
     variance = base_distribution(trace.nodes[site]["fn"]).scale.detach() ** 2
     for name, node in trace.nodes.items():
         if (
-            name not in values
+            node["type"] != "sample"
+            or node["is_observed"]
             or name == site
-            or node["value"].shape != shape
+            or node["value"].shape != values.shape[-1:]
             or any(frame.name == MARKER_PLATE for frame in node["cond_indep_stack"])
             or base_distribution(node["fn"]).support
             not in (constraints.positive, constraints.nonnegative)
         ):
             continue
-        probe = trace_with({name: 2 * values[name]})
+        probe, dependent = sites_moved_by(
+            model, data, trace, {name: 2 * node["value"]}, kwargs, SCALE_PROBE_TOLERANCE
+        )
         ratio = base_distribution(probe.nodes[site]["fn"]).scale.detach() ** 2 / variance
         quadrupled = ((ratio - 4).abs() < 4 * SCALE_PROBE_TOLERANCE).float()
-        if (quadrupled.expand(values[site].shape).mean(0) < 0.5).any():
+        if (quadrupled.expand(values.shape).mean(0) < 0.5).any() or set(dependent) != {site}:
             continue
-        before, after = log_probs(trace, {site, name}), log_probs(probe, {site, name})
-        if any(
-            not torch.isclose(before[key], after[key], rtol=SCALE_PROBE_TOLERANCE) for key in before
-        ):
-            continue
-        other = poutine.trace(model).get_trace(data, **kwargs).nodes[name]["fn"]
-        if not torch.allclose(other.log_prob(values[name]), node["fn"].log_prob(values[name])):
+        other = trace_model(model, data, **kwargs).nodes[name]["fn"]
+        if not torch.allclose(other.log_prob(node["value"]), node["fn"].log_prob(node["value"])):
             raise ValueError(
                 f"the prior of the global scale {name!r} of {site!r} depends on other latent "
                 "sites: coordinate-ascent marker updates need it fixed"
