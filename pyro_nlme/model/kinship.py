@@ -81,6 +81,8 @@ def genomic_relationship(
         for rows_j in blocks[: i + 1]:
             z_j = z_i if rows_j is rows_i else markers.standardized(rows_j).to(dtype)
             block = z_i @ z_j.T / n_markers
+            if rows_j is rows_i:  # a product with its own transpose is not symmetric in BLAS
+                block = (block + block.T) / 2
             relationship[rows_i[:, None], rows_j] = block
             relationship[rows_j[:, None], rows_i] = block.T
     if jitter:
