@@ -231,6 +231,40 @@ def _cholesky_factor(
     return lower + torch.diag_embed(scale)
 
 
+_NO_SHAPE = torch.Size()
+
+
+class CholeskyNormal(dist.MultivariateNormal):
+    """A ``MultivariateNormal`` given by its Cholesky factor whose log-density at its own last
+    draw is computed from that draw's standard-normal noise ``eps``, ``-eps' eps / 2 - sum log
+    L_ii - k log(2 pi) / 2``, rather than by a triangular solve of ``value - loc``.
+
+    The solve loses the draw to float32 rounding when ``L`` is ill-conditioned (a conditional
+    SD near its floor under large regression coefficients), and the optimiser exploits the
+    error: an amortised joint factor over sibling plants (12 varieties x 3 plants, lr 0.01
+    decaying 10-fold over 9,000 steps) took its loss from 183 at step 1,500 to -338,000 at step
+    9,000, with the factor's own draws at a log-density of -1e6 each. Any other value is
+    evaluated as by ``MultivariateNormal``.
+    """
+
+    _draw: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        value = self.loc + (self._unbroadcasted_scale_tril @ noise.unsqueeze(-1)).squeeze(-1)
+        self._draw = (value, noise)
+        return value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._draw is None or value is not self._draw[0]:
+            return super().log_prob(value)
+        noise = self._draw[1]
+        diagonal = self._unbroadcasted_scale_tril.diagonal(dim1=-2, dim2=-1)
+        size = self._event_shape[0]
+        return -0.5 * ((noise**2).sum(-1) + size * math.log(2 * math.pi)) - diagonal.log().sum(-1)
+
+
 class ExactLevel(NamedTuple):
     """A centred Gaussian level drawn from its exact conditional given its child level."""
 
@@ -517,7 +551,7 @@ class AmortizedGuide(PyroModule):
                     stack.enter_context(inner_plates[name])
             joint = pyro.sample(
                 f"_{layout.name}_joint",
-                dist.MultivariateNormal(cells, scale_tril=tril),
+                CholeskyNormal(cells, scale_tril=tril),
                 infer={"is_auxiliary": True},
             )
         with contextlib.ExitStack() as stack:
@@ -591,7 +625,7 @@ class AmortizedGuide(PyroModule):
                         layout.correlation_offset,
                         layout.correlation_offset + layout.n_correlations,
                     )
-                    factor = dist.MultivariateNormal(
+                    factor = CholeskyNormal(
                         site_loc,
                         scale_tril=_cholesky_factor(
                             site_scale,
