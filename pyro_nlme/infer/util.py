@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
+from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import NLMEData
@@ -77,6 +78,23 @@ def trace_model(model: Callable, data: NLMEData, **model_kwargs) -> poutine.Trac
     """One trace of the model from its prior, without touching the global RNG state."""
     with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
         return poutine.trace(model).get_trace(data, **model_kwargs)
+
+
+def trace_until(
+    model: Callable, site: str, data: NLMEData, **model_kwargs
+) -> tuple[poutine.Trace, dist.Distribution]:
+    """Run ``model`` up to its sample site ``site`` and stop there (``poutine.escape``): the
+    trace of the sites before it and the distribution of ``site``. The rest of the model (e.g.
+    its likelihood) is not run.
+
+    :raises ValueError: if the model has no sample site ``site``.
+    """
+    tracer = poutine.trace(poutine.escape(model, escape_fn=lambda msg: msg["name"] == site))
+    try:
+        tracer(data, **model_kwargs)
+    except NonlocalExit as exit:
+        return tracer.trace, exit.site["fn"]
+    raise ValueError(f"the model has no sample site {site!r}")
 
 
 def sites_moved_by(

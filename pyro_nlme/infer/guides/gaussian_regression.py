@@ -162,6 +162,20 @@ class GaussianRegressionPosterior(TorchDistribution):
         curvature = (around[0] - 2 * around[1] + around[2]) / resolution**2
         return reference.log() + mode, (-curvature).rsqrt()
 
+    def marginal_variance(self, chunk_markers: int = 4096) -> torch.Tensor:
+        """``diag Sigma_k``, ``[M, K]`` in the effects' dtype: by Woodbury,
+        ``d - d ** 2 unit_k ** 2 z_m' W_k^1/2 B_k^-1 W_k^1/2 z_m`` for each marker's
+        standardised dosages ``z_m`` (one pass over the dosages, in float64: for an effect the
+        data determine, the two terms nearly cancel)."""
+        inverse = torch.cholesky_inverse(self.cholesky)  # [K, V, V]
+        scaled = (self.unit * self.root_weight).T[:, :, None]  # [K, V, 1]
+        variance = self.prior_variance.to(torch.float64).clone()
+        for columns in self.markers.column_chunks(chunk_markers):
+            z = scaled * self.markers.standardized_columns(columns, torch.float64)  # [K, V, C]
+            explained = ((inverse @ z) * z).sum(1).T  # [C, K]
+            variance[columns] -= variance[columns] ** 2 * explained
+        return variance.to(self.prior_variance.dtype)
+
     def _pull_back(self, rhs: torch.Tensor) -> torch.Tensor:
         """``unit_k D_k Z' W_k^1/2 B_k^-1 rhs[:, k]``: ``[V, K]`` (float64) -> ``[M, K]`` in the
         effects' dtype."""

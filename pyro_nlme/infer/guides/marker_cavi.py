@@ -42,10 +42,14 @@ the effects' factor is then conditional on its draw, ``q(s) q(b | s)``. Fitted b
 a factor built at its current value, the scale barely moved: 60,000 effects pin it with a
 curvature of about ``2 M`` in ``log s``, against ``O(V)`` from the data; on the sparse-QTL
 design the ridge's genetic SD of the inflection stayed at 2.8-3.1, about three times the truth,
-over 1,000 steps (docs/marker_priors.md). Adam fits the other scales (the horseshoe's local
-scales and slab). With the horseshoe's ``tau0`` of about 1e-6 and every effect moved by Adam,
-no effect grew out of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each update sets
-the effects to their conditional posterior given the current scales. A mean-field factor (one
+over 1,000 steps (docs/marker_priors.md). The horseshoe's *local* scales (one per marker,
+:func:`local_scale_site`) are not fitted by Adam either: after the effects' factor, each update
+sets each one's factor to the log-normal with the mean and SD of ``log lambda`` under its
+optimal mean-field factor, given the effects' exact second moments ``E[b ** 2] = mean ** 2 +
+Sigma_mm`` (:meth:`GaussianCoordinateAscent.update`). Adam fits the slab. With the
+horseshoe's ``tau0`` of about 1e-6 and every effect moved by Adam, no effect grew out of the
+prior (docs/sparse_qtl_benchmark_horseshoe.md): here each update sets the effects to their
+conditional posterior given the current scales. A mean-field factor (one
 Normal per marker) is not used for them: its draws of ``Z @ b`` carry the sum of 60,000
 marginal variances, which the response's SD then absorbed; under the horseshoe that widened the
 prior SDs in turn, and the fit blew up (docs/marker_priors.md).
@@ -55,7 +59,10 @@ guide medians (their guide means for Normal sites; for the scales ``1 / median *
 for ``E[1 / scale ** 2]``, which it underestimates by a Jensen gap; the spike-and-slab's
 genetic SD, which sets its prior SDs, enters at its median: a variational-EM step for it); the
 global scale's Laplace posterior holds the horseshoe's slab at the current scales within an
-update; and the spike-and-slab's markers ``n_blocks`` apart are updated together, each as if
+update; the local scales' factors are log-normals with their optimal factors' moments of
+``log lambda``, given the effects at the global scale's median (the local scales enter the
+effects' factor at the value where ``lambda ** -2`` is its expectation, exact given the other
+scales); and the spike-and-slab's markers ``n_blocks`` apart are updated together, each as if
 alone, with the block's step damped by an exact line search
 (:meth:`SpikeSlabFactor._update_block`), rather than one at a time; the fixed points are the
 same.
@@ -73,10 +80,11 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
 from pyro_nlme.infer.guides.gaussian_regression import GaussianRegressionPosterior
-from pyro_nlme.infer.util import base_distribution, sites_moved_by, trace_model
+from pyro_nlme.infer.util import base_distribution, sites_moved_by, trace_model, trace_until
 from pyro_nlme.model.convention import VARIETY_DIM
 from pyro_nlme.model.marker_priors import MARKER_PLATE, SpikeSlabNormal
 
@@ -126,6 +134,23 @@ def marker_effect_site(trace: poutine.Trace) -> str:
     return names[0]
 
 
+def _positive_latent_sites(trace: poutine.Trace, site: str, in_marker_plate: bool):
+    """``(name, node)`` of the positive latent sites of ``trace`` other than ``site``, inside or
+    outside the marker plate."""
+    for name, node in trace.nodes.items():
+        if (
+            node["type"] == "sample"
+            and not node["is_observed"]
+            and not site_is_subsample(node)
+            and name != site
+            and any(frame.name == MARKER_PLATE for frame in node["cond_indep_stack"])
+            == in_marker_plate
+            and base_distribution(node["fn"]).support
+            in (constraints.positive, constraints.nonnegative)
+        ):
+            yield name, node
+
+
 SCALE_PROBE_TOLERANCE = 1e-3
 """Relative tolerance of the checks of :func:`global_scale_site`."""
 
@@ -146,16 +171,8 @@ def global_scale_site(
     kwargs = {"subsample_size": None, **model_kwargs}
     values = trace.nodes[site]["value"]
     variance = base_distribution(trace.nodes[site]["fn"]).scale.detach() ** 2
-    for name, node in trace.nodes.items():
-        if (
-            node["type"] != "sample"
-            or node["is_observed"]
-            or name == site
-            or node["value"].shape != values.shape[-1:]
-            or any(frame.name == MARKER_PLATE for frame in node["cond_indep_stack"])
-            or base_distribution(node["fn"]).support
-            not in (constraints.positive, constraints.nonnegative)
-        ):
+    for name, node in _positive_latent_sites(trace, site, in_marker_plate=False):
+        if node["value"].shape != values.shape[-1:]:
             continue
         probe, dependent = sites_moved_by(
             model, data, trace, {name: 2 * node["value"]}, kwargs, SCALE_PROBE_TOLERANCE
@@ -172,6 +189,87 @@ def global_scale_site(
             )
         return name
     return None
+
+
+def local_scale_site(
+    model: Callable, data: NLMEData, trace: poutine.Trace, site: str, model_kwargs: dict
+) -> str | None:
+    """The latent site ``lambda`` ``[M, K]`` or ``[M]`` (one per marker for all curve
+    parameters) of the marker plate that sets each effect's prior SD and that no other site
+    depends on: the horseshoe's local scales. ``None`` if the model has none.
+
+    Each positive site of the marker plate is probed by doubling it in ``trace``: only the
+    log-density of ``site`` may change. Its prior must be elementwise (univariate).
+    """
+    kwargs = {"subsample_size": None, **model_kwargs}
+    n_markers = trace.nodes[site]["value"].shape[0]
+    for name, node in _positive_latent_sites(trace, site, in_marker_plate=True):
+        if node["value"].shape[0] != n_markers or node["value"].dim() > 2:
+            continue
+        _, dependent = sites_moved_by(
+            model, data, trace, {name: 2 * node["value"]}, kwargs, SCALE_PROBE_TOLERANCE
+        )
+        if set(dependent) != {site}:
+            continue
+        if base_distribution(node["fn"]).event_shape:
+            raise ValueError(
+                f"the prior of the local scales {name!r} of {site!r} is not elementwise: "
+                "coordinate-ascent marker updates need one univariate prior per scale"
+            )
+        return name
+    return None
+
+
+LOG_SCALE_RANGE = (-40.0, 60.0)
+"""Where :func:`log_scale_moments` looks for the mass of ``log lambda`` first."""
+
+
+@torch.no_grad()
+def log_scale_moments(
+    log_density: Callable[[torch.Tensor], torch.Tensor],
+    shape: torch.Size,
+    dtype: torch.dtype = torch.float64,
+    points: int = 65,
+    stages: int = 3,
+    drop: float = 25.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and SD of ``x`` under many independent one-dimensional densities ``∝
+    exp(log_density(x))``, by quadrature on grids that close in on each one's mass.
+
+    ``log_density(x)`` maps a tensor ``x`` of ``shape`` to unnormalised log-densities of the same
+    shape, element ``i`` depending on ``x[i]`` only. The first grid has ``points`` points over
+    :data:`LOG_SCALE_RANGE`; each next one spans, per element, the points of the previous grid
+    within ``drop`` nats of its maximum, padded by one spacing. The moments are those of the
+    last grid's normalised weights.
+
+    The horseshoe's local scales need this rather than a Laplace approximation: for a marker
+    the data barely inform, the optimal factor of ``log lambda`` is a plateau (flat from the
+    effect's scale up to the prior's, where the curvature at the mode is about 0.002), and a
+    log-normal with the curvature's SD of about 20 put its draws at ``lambda`` of ``e ** -40``.
+
+    :returns: ``(mean, sd)``, each of ``shape``.
+    :raises ValueError: if an element's mass reaches an end of :data:`LOG_SCALE_RANGE`.
+    """
+    lower = torch.full(shape, LOG_SCALE_RANGE[0], dtype=dtype)
+    upper = torch.full(shape, LOG_SCALE_RANGE[1], dtype=dtype)
+    fractions = torch.linspace(0, 1, points, dtype=dtype).reshape(-1, *(1,) * len(shape))
+    for stage in range(stages):
+        grid = lower + fractions * (upper - lower)  # [points, *shape]
+        values = torch.stack([log_density(x) for x in grid]).to(dtype)
+        kept = values > values.max(0).values - drop
+        if stage == 0 and (kept[0] | kept[-1]).any():
+            raise ValueError(
+                f"the mass of {int((kept[0] | kept[-1]).sum())} log scales reaches an end of "
+                f"{LOG_SCALE_RANGE}"
+            )
+        spacing = (upper - lower) / (points - 1)
+        first = kept.to(torch.uint8).argmax(0, keepdim=True)
+        last = points - 1 - kept.flip(0).to(torch.uint8).argmax(0, keepdim=True)
+        lower = torch.maximum(grid.gather(0, first)[0] - spacing, lower)
+        upper = torch.minimum(grid.gather(0, last)[0] + spacing, upper)
+    weights = torch.softmax(values, 0)
+    mean = (weights * grid).sum(0)
+    return mean, (weights * (grid - mean) ** 2).sum(0).sqrt()
 
 
 class MarkerCoordinateAscent:
@@ -296,13 +394,25 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
     docstring), and ``q(b | s)`` is the factor with the prior variances
     ``(s / {site}.cavi_scale_reference) ** 2 * prior_variance``.
 
+    With ``local_site`` (:func:`local_scale_site`: the horseshoe's ``lambda``), that site's
+    factor is ``LogNormal({site}.cavi_local_loc, {site}.cavi_local_sd)``, one per scale, set
+    after the effects' factor by each update to the mean and SD of ``log lambda`` under its
+    optimal mean-field factor, ``q(lambda) ∝ p(lambda) exp(E_q[log p(b | lambda, ...)])``
+    (:func:`log_scale_moments`), with ``E_q[b ** 2] = mean ** 2 + marginal
+    variance`` from the effects' factor and the other scales at their medians. The working
+    regression reads the prior variances at ``lambda = exp(loc - sd ** 2)``, where ``lambda **
+    -2`` is its expectation under the factor.
+
     :param scale_site: the global scale site, or ``None``.
     :param scale_init: ``[K]`` its initial median (e.g. from the guide's ``init_loc_fn``).
-    :param scale_init_sd: the initial SD of its log.
+    :param scale_init_sd: the initial SD of its log (and of the local scales' logs).
+    :param local_site: the local scale site, or ``None``.
+    :param local_init: its initial medians, shaped like the site.
     """
 
     _parts = ("response", "weight", "unit", "prior_variance")
     _scale_parts = ("scale_loc", "scale_sd", "scale_reference")
+    _local_parts = ("local_loc", "local_sd")
 
     def __init__(
         self,
@@ -313,6 +423,8 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
         scale_site: str | None = None,
         scale_init: torch.Tensor | None = None,
         scale_init_sd: float = 0.1,
+        local_site: str | None = None,
+        local_init: torch.Tensor | None = None,
         **kwargs,
     ):
         super().__init__(model, trace, site, *args, **kwargs)
@@ -321,7 +433,8 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
         response = trace.nodes[self.response_site]
         n_varieties = _per_variety(response["value"], response["fn"].event_dim).shape[0]
         zeros = torch.zeros(n_varieties, value.shape[-1], dtype=value.dtype)
-        self._names = {part: f"{site}.cavi_{part}" for part in (*self._parts, *self._scale_parts)}
+        parts = (*self._parts, *self._scale_parts, *self._local_parts)
+        self._names = {part: f"{site}.cavi_{part}" for part in parts}
         pyro.param(self._names["response"], zeros.clone())
         pyro.param(self._names["weight"], zeros.clone())  # weight 0: the prior
         pyro.param(self._names["unit"], torch.ones_like(value[0]))
@@ -335,6 +448,11 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
             pyro.param(self._names["scale_loc"], scale_init.detach().log().clone())
             pyro.param(self._names["scale_sd"], torch.full_like(reference, scale_init_sd))
             pyro.param(self._names["scale_reference"], reference.clone())
+        self.local_site = local_site
+        if local_site is not None:
+            self.hidden_sites = (*self.hidden_sites, local_site)
+            pyro.param(self._names["local_loc"], local_init.detach().log().clone())
+            pyro.param(self._names["local_sd"], torch.full_like(local_init, scale_init_sd))
         self._cached: tuple[tuple, GaussianRegressionPosterior] | None = None
 
     def _state(self, parts) -> list[torch.Tensor]:
@@ -356,10 +474,53 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
         loc, sd = self._state(("scale_loc", "scale_sd"))
         return dist.LogNormal(loc, sd)
 
+    def local_posterior(self) -> dist.LogNormal:
+        """``q(lambda)``, batch shape that of the local scale site (only with a
+        ``local_site``)."""
+        return dist.LogNormal(*self._state(self._local_parts))
+
     def _point(self, point: dict) -> dict:
-        if self.scale_site is None:
-            return point
-        return {**point, self.scale_site: self.scale_posterior().loc.exp()}
+        if self.scale_site is not None:
+            point = {**point, self.scale_site: self.scale_posterior().loc.exp()}
+        if self.local_site is not None:
+            loc, sd = self._state(self._local_parts)
+            point = {**point, self.local_site: torch.exp(loc - sd**2)}
+        return point
+
+    def update(self, data: NLMEData, **model_kwargs) -> None:
+        """The global scale's and the effects' factors, then the local scales' (class
+        docstring)."""
+        super().update(data, **model_kwargs)
+        if self.local_site is None:
+            return
+        posterior = self.posterior(data.markers)  # at the global scale's median
+        second_moment = posterior.mean**2 + posterior.marginal_variance()
+        log_density = self.local_log_density(data, second_moment, **model_kwargs)
+        loc, sd = log_scale_moments(log_density, self._state(("local_loc",))[0].shape)
+        for part, value in zip(self._local_parts, (loc, sd), strict=True):
+            pyro.param(self._names[part]).detach().copy_(value)
+
+    def local_log_density(
+        self, data: NLMEData, second_moment: torch.Tensor, **model_kwargs
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The log-density of the local scales' optimal factor in ``x = log lambda``, up to a
+        constant, ``log p(lambda) + x + E_q[log N(b; 0, sd(lambda))]`` elementwise (summed over
+        the curve parameters for a shared scale), with ``E_q[b ** 2] = second_moment [M, K]``
+        and the other sites at the guide's medians. ``sd(lambda)`` is read off the model, run
+        up to the effects' site only (:func:`~pyro_nlme.infer.util.trace_until`)."""
+        point = self._point(self.medians(data, subsample_size=None, **model_kwargs))
+        kwargs = {"subsample_size": None, **model_kwargs}
+
+        def log_density(log_local: torch.Tensor) -> torch.Tensor:
+            local = log_local.exp()
+            conditioned = poutine.condition(self.model, data={**point, self.local_site: local})
+            prefix, effect = trace_until(conditioned, self.site, data, **kwargs)
+            prior = base_distribution(prefix.nodes[self.local_site]["fn"]).log_prob(local)
+            variance = (base_distribution(effect).scale ** 2).expand(second_moment.shape)
+            expected = -0.5 * variance.log() - second_moment / (2 * variance)
+            return prior + log_local + (expected if local.dim() == 2 else expected.sum(-1))
+
+        return log_density
 
     def _fit(self, markers: GenotypeMatrix, regression: WorkingRegression) -> None:
         """Set the scale's factor (if any), then the effects' factor at its median."""
@@ -384,6 +545,12 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
             (reference,) = self._state(("scale_reference",))
             posterior = posterior.rescaled((scale / reference) ** 2)
             values[self.scale_site] = scale
+        if self.local_site is not None:
+            local = self.local_posterior()
+            with self.marker_plate():
+                values[self.local_site] = pyro.sample(
+                    self.local_site, local.to_event(len(local.batch_shape) - 1)
+                )
         joint = pyro.sample(f"_{self.site}_joint", posterior, infer={"is_auxiliary": True})
         with self.marker_plate():
             values[self.site] = pyro.sample(self.site, dist.Delta(joint, event_dim=1))
@@ -615,7 +782,11 @@ class CoordinateAscentGuide(AutoGuideList):
             if scale_site is not None:
                 start = init_loc_fn(trace.nodes[scale_site])
                 options = {"scale_site": scale_site, "scale_init": start}
-                options["scale_init_sd"] = init_scale
+            local_site = local_scale_site(model, data, trace, site, model_kwargs)
+            if local_site is not None:
+                options["local_site"] = local_site
+                options["local_init"] = init_loc_fn(trace.nodes[local_site])
+            options["scale_init_sd"] = init_scale
         self.markers = part(
             model,
             trace,

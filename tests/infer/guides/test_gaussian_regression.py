@@ -59,6 +59,17 @@ def test_mean_and_density_equal_the_dense_posterior():
     torch.testing.assert_close(posterior.log_prob(values), expected)
 
 
+def test_marginal_variances_are_the_dense_posterior_diagonal():
+    """Including effects the data determine (weights 1,000 times larger), where the Woodbury
+    correction nearly cancels the prior variance."""
+    for weight_scale in (1.0, 1000.0):
+        markers, *args = regression(30, 80, seed=5, weight_scale=weight_scale)
+        posterior = GaussianRegressionPosterior(markers, *args)
+        dense = dense_posteriors(markers, *args)
+        diagonal = torch.stack([q.covariance_matrix.diagonal() for q in dense], 1)
+        torch.testing.assert_close(posterior.marginal_variance(chunk_markers=7), diagonal)
+
+
 def test_draws_have_the_joint_posterior_covariance():
     """Matheron draws against the exact covariance, along the directions that matter: the fitted
     values ``unit Z b``, whose posterior variance is below the noise variance ``1 / w``, and a

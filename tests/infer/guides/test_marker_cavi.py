@@ -15,12 +15,16 @@ import torch
 from scipy import stats
 
 from pyro_nlme.data import GenotypeMatrix
+from pyro_nlme.infer.guides.factory import build_guide
 from pyro_nlme.infer.guides.marker_cavi import (
     SpikeSlabFactor,
     WorkingRegression,
     global_scale_site,
+    local_scale_site,
+    log_scale_moments,
 )
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
+from pyro_nlme.infer.util import model_structure
 from pyro_nlme_models.g2was import g2was
 
 PRIOR_VARIANCE = torch.tensor([[0.01, 0.02], [4.0, 9.0]], dtype=torch.float64)  # spike, slab
@@ -176,6 +180,101 @@ def test_a_scale_with_another_child_is_not_a_global_scale(simulated_data):
     assert global_scale_site(model, simulated_data, trace, "effect", {}) is None
 
 
+@pytest.mark.parametrize(
+    "prior, expected",
+    [("ridge", None), ("horseshoe", "marker_effect_local_scale")]
+    + [("horseshoe_shared", "marker_effect_local_scale")],
+)
+def test_local_scale_site_of_g2was(simulated_data, prior, expected):
+    kwargs = {"marker_prior": prior, "parametrization": "centred", "subsample_size": None}
+    trace = poutine.trace(g2was).get_trace(simulated_data, **kwargs)
+    assert local_scale_site(g2was, simulated_data, trace, "marker_effect", kwargs) == expected
+
+
+def test_a_marker_scale_with_another_child_is_not_a_local_scale(simulated_data):
+    def model(data, subsample_size=None):
+        with pyro.plate("marker", 50, dim=-1):
+            scale = pyro.sample("scale", dist.HalfCauchy(torch.ones(2)).to_event(1))
+            pyro.sample("effect", dist.Normal(torch.zeros(2), scale).to_event(1))
+            pyro.sample("other", dist.Normal(0.0, scale).to_event(1))
+
+    trace = poutine.trace(model).get_trace(simulated_data)
+    assert local_scale_site(model, simulated_data, trace, "effect", {}) is None
+
+
+def horseshoe_local_log_density(x, second_moment, tau, slab_variance, shared=False):
+    """``log q*(x = log lambda)`` of regularised-horseshoe local scales (``lambda ~
+    HalfCauchy(1)``) given ``E[b ** 2]`` and the global and slab scales, in closed form, up to a
+    constant: ``lambda_tilde ** -2 = lambda ** -2 + tau ** 2 / c ** 2``. ``shared``: one
+    ``lambda`` for the effects' last dim."""
+    log_prior = -torch.log1p(torch.exp(2 * x)) + x
+    x = x[..., None] if shared else x
+    inverse_variance = (torch.exp(-2 * x) + tau**2 / slab_variance) / tau**2
+    expected = 0.5 * inverse_variance.log() - 0.5 * second_moment * inverse_variance
+    return log_prior + (expected.sum(-1) if shared else expected)
+
+
+def test_log_scale_moments_are_those_of_the_density():
+    """Against a dense grid (step 1e-3) of the horseshoe's local-scale density, from effects far
+    below the global scale (a plateau 14 wide in ``log lambda``) to effects capped by the slab
+    (a tail of the prior's, ``exp(-x)``); and Gaussians, whose moments are their locations and
+    scales."""
+    second_moment = torch.tensor([1e-12, 1e-6, 1e-2, 0.5, 10.0, 1e3, 1e6], dtype=torch.float64)
+    second_moment = second_moment.repeat(2)[:, None]  # [14, 1]
+    slab_variance = torch.tensor([1e8] * 7 + [1e2] * 7, dtype=torch.float64)[:, None]
+    density = lambda x: horseshoe_local_log_density(x, second_moment, 1.0, slab_variance)  # noqa: E731
+    mean, sd = log_scale_moments(density, second_moment.shape)
+    grid = torch.arange(-40, 60, 1e-3, dtype=torch.float64)
+    weights = torch.softmax(density(grid.expand(14, -1)), -1)
+    exact_mean = (weights * grid).sum(-1, keepdim=True)
+    exact_sd = (weights * (grid - exact_mean) ** 2).sum(-1, keepdim=True).sqrt()
+    # quadrature errors negligible against the factor's spread
+    assert ((mean - exact_mean).abs() / exact_sd).max() < 1e-3
+    torch.testing.assert_close(sd, exact_sd, rtol=1e-3, atol=0)
+    assert sd.max() > 4  # a plateau (the Gaussians below hold a peak of SD 0.01)
+    loc = torch.tensor([-3.0, 0.5, 20.0, -30.0], dtype=torch.float64)
+    scale = torch.tensor([0.01, 2.0, 0.5, 1.0], dtype=torch.float64)
+    mean, sd = log_scale_moments(lambda x: dist.Normal(loc, scale).log_prob(x), loc.shape)
+    torch.testing.assert_close(mean, loc)
+    torch.testing.assert_close(sd, scale)
+    with pytest.raises(ValueError, match="reaches an end"):
+        log_scale_moments(lambda x: -((x - 70) ** 2), loc.shape)
+
+
+@pytest.mark.parametrize("prior", ["horseshoe", "horseshoe_shared"])
+def test_local_scale_factor_targets_the_horseshoe_conditional(simulated_data, prior):
+    """The local scales' log-density read off g2was (run up to its effects) equals the
+    regularised horseshoe's in closed form, at the guide's medians of the global scale and
+    the slab."""
+    kwargs = {"marker_prior": prior, "parametrization": "centred"}
+    structure = model_structure(g2was, simulated_data, **kwargs)
+    guide = build_guide(
+        "normal",
+        g2was,
+        simulated_data,
+        structure,
+        cavi_response_site="variety_scenario_parameter",
+        model_kwargs=kwargs,
+    )
+    guide(simulated_data, **kwargs)  # sets up its parts
+    guide = guide.markers
+    assert guide.local_site == "marker_effect_local_scale"
+    shared = prior == "horseshoe_shared"
+    tau = guide.scale_posterior().loc.exp().double()
+    generator = torch.Generator().manual_seed(0)
+    shape = (simulated_data.n_markers,) if shared else (simulated_data.n_markers, 3)
+    x = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    # effects' second moments from far below to far above the global scale
+    second_moment = tau**2 * torch.exp(6 * torch.randn(x.shape[0], 3, generator=generator))
+    point = guide.medians(simulated_data, subsample_size=None, **kwargs)
+    slab_variance = point["marker_effect_slab_variance"].double()
+    expected = horseshoe_local_log_density(x, second_moment, tau, slab_variance, shared)
+    log_density = guide.local_log_density(simulated_data, second_moment.float(), **kwargs)
+    found = log_density(x.float()).double()
+    constant = (found - expected).median()
+    torch.testing.assert_close(found, expected + constant, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("prior", ["ridge", "horseshoe"])
 def test_cavi_guide_fits_gaussian_marker_priors(simulated_data, prior):
     """Ridge and horseshoe effects by coordinate ascent: the effects stay centred (no
@@ -201,6 +300,14 @@ def test_cavi_guide_fits_gaussian_marker_priors(simulated_data, prior):
     assert mean.dims == ("marker", "curve_parameter") and np.isfinite(mean.values).all()
     assert list(mean["marker"].values) == list(fit.inference_data.posterior["marker"].values)
     assert fit.history["loss"].notna().all()
+    if prior == "horseshoe":  # the local scales' factors are set by the updates too
+        assert not any(
+            name.endswith("marker_effect_local_scale") for name in pyro.get_param_store()
+        )
+        sd = pyro.param("marker_effect.cavi_local_sd")
+        assert sd.shape == (simulated_data.n_markers, 3) and (sd > 0).all()
+        draws = fit.inference_data.posterior["marker_effect_local_scale"].values
+        assert (draws > 0).all() and (draws.std(1) > 0).all()
 
 
 def test_cavi_guide_fits_g2was_and_exports_inclusion_probabilities(simulated_data):
