@@ -229,9 +229,9 @@ def log_scale_moments(
     log_density: Callable[[torch.Tensor], torch.Tensor],
     shape: torch.Size,
     dtype: torch.dtype = torch.float64,
-    points: int = 65,
+    points: int = 49,
     stages: int = 3,
-    drop: float = 25.0,
+    drop: float = 15.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and SD of ``x`` under many independent one-dimensional densities ``∝
     exp(log_density(x))``, by quadrature on grids that close in on each one's mass.
