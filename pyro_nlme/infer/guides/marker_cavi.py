@@ -244,8 +244,9 @@ def log_scale_moments(
 
     The horseshoe's local scales need this rather than a Laplace approximation: for a marker
     the data barely inform, the optimal factor of ``log lambda`` is a plateau (flat from the
-    effect's scale up to the prior's, where the curvature at the mode is about 0.002), and a
-    log-normal with the curvature's SD of about 20 put its draws at ``lambda`` of ``e ** -40``.
+    effect's scale up to the prior's; a curvature of about 0.002 at the mode, an SD of 20),
+    on which Newton's steps in float32 did not converge, and a log-normal of that SD would
+    draw ``lambda`` down to ``e ** -40``.
 
     :returns: ``(mean, sd)``, each of ``shape``.
     :raises ValueError: if an element's mass reaches an end of :data:`LOG_SCALE_RANGE`.
