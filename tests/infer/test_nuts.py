@@ -283,18 +283,27 @@ def test_orange_posterior_is_the_exact_posterior_whose_mode_is_the_mle(orange_nu
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="On 2026-11-27 (AMD EPYC CPU) the asymptote's NUTS SD was 21.3 (MCSE 0.8) against "
-    "the exact 32.0 (importance sampling): its marginal is heavy-tailed through "
-    "asymptote_sd, which 800 draws under-explore; 4 chains x 300 draws gave 0.85-1.02 of the "
-    "exact SDs (docs/nuts.md). Not resolved.",
-)
-def test_orange_posterior_sds_are_the_exact_ones(orange_nuts):
-    """NUTS's posterior SDs within 30% of the exact ones."""
+def test_orange_posterior_quantiles_are_the_exact_ones(orange_nuts):
+    """NUTS's marginal quantiles (5, 25, 50, 75, 95%) within 4 combined Monte-Carlo SEs
+    (ArviZ's quantile MCSE and the importance-sampling SE) of the exact ones. Not the SDs:
+    those of ``asymptote`` and ``asymptote_sd`` rest on a tail of about ``sd ** -6`` whose
+    fourth moment barely exists (:class:`~pyro_nlme.reference.exact_posterior.ExactPosterior`);
+    800 draws gave an asymptote SD of 21.3 against 27-28, with an MCSE of 0.8 that cannot see
+    the unvisited tail."""
+    from pyro_nlme.reference.exact_posterior import QUANTILE_PROBS
+
     exact, _, fit = orange_nuts
-    table = fit.population_summary.loc[list(exact.names)]
-    np.testing.assert_allclose(table["sd"].to_numpy(), exact.sd, rtol=0.3)
+    names = list(exact.names)
+    posterior = fit.inference_data.posterior[names]
+    for row, prob in enumerate(QUANTILE_PROBS):
+        found = posterior.quantile(prob, dim=("chain", "draw"))
+        mcse = az.mcse(posterior, method="quantile", prob=prob)
+        z = {
+            name: (float(found[name]) - exact.quantiles[row, i])
+            / np.hypot(float(mcse[name]), exact.quantile_se[row, i])
+            for i, name in enumerate(names)
+        }
+        assert all(abs(value) < 4 for value in z.values()), (prob, z)
 
 
 @pytest.fixture(scope="module")
