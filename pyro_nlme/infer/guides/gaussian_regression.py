@@ -164,17 +164,48 @@ class GaussianRegressionPosterior(TorchDistribution):
 
     def marginal_variance(self, chunk_markers: int = 4096) -> torch.Tensor:
         """``diag Sigma_k``, ``[M, K]`` in the effects' dtype: by Woodbury,
-        ``d - d ** 2 unit_k ** 2 z_m' W_k^1/2 B_k^-1 W_k^1/2 z_m`` for each marker's
-        standardised dosages ``z_m`` (one pass over the dosages, in float64: for an effect the
-        data determine, the two terms nearly cancel)."""
-        inverse = torch.cholesky_inverse(self.cholesky)  # [K, V, V]
-        scaled = (self.unit * self.root_weight).T[:, :, None]  # [K, V, 1]
+        ``d - d ** 2 S`` (:meth:`_marker_projections`; in float64: for an effect the data
+        determine, the two terms nearly cancel)."""
         variance = self.prior_variance.to(torch.float64).clone()
-        for columns in self.markers.column_chunks(chunk_markers):
-            z = scaled * self.markers.standardized_columns(columns, torch.float64)  # [K, V, C]
-            explained = ((inverse @ z) * z).sum(1).T  # [C, K]
+        for columns, explained, _ in self._marker_projections(chunk_markers):
             variance[columns] -= variance[columns] ** 2 * explained
         return variance.to(self.prior_variance.dtype)
+
+    def marker_evidence(self, chunk_markers: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the response says of each effect alone, every other effect integrated out at
+        its prior variance: as a function of the effect's own prior variance ``v``, the
+        marginal likelihood is
+
+            log p(y_k | v) = -1/2 log(1 + s v) + q ** 2 v / (2 (1 + s v)) + const
+
+        (:func:`single_effect_log_evidence`), that of an estimate ``q / s`` of the effect with
+        variance ``1 / s`` (Tipping & Faul's 2003 sparsity and quality factors). From
+        :meth:`_marker_projections`, ``s = S / (1 - d S)`` and ``q = Q / (1 - d S)`` remove the
+        effect's own prior variance ``d`` from ``C``; ``1 - d S = Sigma_mm / d > 0``.
+
+        :returns: ``(s, q)``, ``[M, K]`` float64 each.
+        """
+        variance = self.prior_variance.to(torch.float64)
+        precision, score = torch.empty_like(variance), torch.empty_like(variance)
+        for columns, explained, projected in self._marker_projections(chunk_markers):
+            remaining = 1 - variance[columns] * explained
+            precision[columns] = explained / remaining
+            score[columns] = projected / remaining
+        return precision, score
+
+    def _marker_projections(self, chunk_markers: int):
+        """Per chunk of at most ``chunk_markers`` markers, ``(columns, S, Q)`` with ``S, Q``
+        ``[C, K]`` float64: ``S[m, k] = x' C_k^-1 x`` and ``Q[m, k] = x' C_k^-1 y_k`` for
+        ``x = unit_k z_m``, the marker's standardised dosages, where ``C_k^-1 = W_k^1/2 B_k^-1
+        W_k^1/2`` is the precision of ``y_k`` with every effect integrated out (one pass over
+        the dosages)."""
+        inverse = torch.cholesky_inverse(self.cholesky)  # [K, V, V]
+        scaled = (self.unit * self.root_weight).T[:, :, None]  # [K, V, 1]
+        target = (self.root_weight * self.response).T[..., None]  # [K, V, 1]
+        target = torch.cholesky_solve(target, self.cholesky)
+        for columns in self.markers.column_chunks(chunk_markers):
+            z = scaled * self.markers.standardized_columns(columns, torch.float64)  # [K, V, C]
+            yield columns, ((inverse @ z) * z).sum(1).T, (target * z).sum(1).T
 
     def _pull_back(self, rhs: torch.Tensor) -> torch.Tensor:
         """``unit_k D_k Z' W_k^1/2 B_k^-1 rhs[:, k]``: ``[V, K]`` (float64) -> ``[M, K]`` in the
@@ -224,3 +255,14 @@ class GaussianRegressionPosterior(TorchDistribution):
             log_det_precision - torch.stack(quadratic) - size * math.log(2 * math.pi)
         )
         return log_density.reshape(batch).to(value.dtype)
+
+
+def single_effect_log_evidence(
+    precision: torch.Tensor, score: torch.Tensor, variance: torch.Tensor
+) -> torch.Tensor:
+    """``log p(y | v) = -1/2 log(1 + s v) + q ** 2 v / (2 (1 + s v))``, up to a constant in
+    ``v``, elementwise: the marginal likelihood of one effect's prior variance ``v``
+    (:meth:`GaussianRegressionPosterior.marker_evidence` gives ``s, q``). ``0`` at ``v = 0``;
+    for ``s = q = 0`` (a marker the response does not see) flat."""
+    spread = 1 + precision * variance
+    return -0.5 * spread.log() + score**2 * variance / (2 * spread)

@@ -44,13 +44,17 @@ curvature of about ``2 M`` in ``log s``, against ``O(V)`` from the data; on the 
 design the ridge's genetic SD of the inflection stayed at 2.8-3.1, about three times the truth,
 over 1,000 steps (docs/marker_priors.md). The horseshoe's *local* scales (one per marker,
 :func:`local_scale_site`) are not fitted by Adam either: after the effects' factor, each update
-sets each one's factor to the log-normal with the mean and SD of ``log lambda`` under its
-optimal mean-field factor, given the effects' exact second moments ``E[b ** 2] = mean ** 2 +
-Sigma_mm`` (:meth:`GaussianCoordinateAscent.update`). Adam fits the slab. With the
-horseshoe's ``tau0`` of about 1e-6 and every effect moved by Adam, no effect grew out of the
-prior (docs/sparse_qtl_benchmark_horseshoe.md): here each update sets the effects to their
-conditional posterior given the current scales. A mean-field factor (one
-Normal per marker) is not used for them: its draws of ``Z @ b`` carry the sum of 60,000
+sets each one's factor to the log-normal with the mean and SD of ``log lambda`` under its prior
+times the marginal likelihood of its effect's prior variance, every effect integrated out
+(:meth:`GaussianCoordinateAscent.update`). Adam fits the slab. The mean-field factor
+``p(lambda) exp(E_q[log p(b | lambda)])`` was used first: each local scale then sees one effect,
+shrunk by the joint posterior of 60,000 markers on 200 varieties far below what its data say,
+and moves little per update (the global scale's pinning, per marker); on the sparse-QTL design
+the QTL's mean ``log lambda`` stayed within 0.1 of the other markers' (docs/marker_priors.md).
+With the horseshoe's ``tau0`` of about 1e-6 and every effect moved by Adam, no effect grew out
+of the prior (docs/sparse_qtl_benchmark_horseshoe.md): here each update sets the effects to
+their conditional posterior given the current scales. A mean-field factor (one Normal per
+marker) is not used for them: its draws of ``Z @ b`` carry the sum of 60,000
 marginal variances, which the response's SD then absorbed; under the horseshoe that widened the
 prior SDs in turn, and the fit blew up (docs/marker_priors.md).
 
@@ -59,10 +63,11 @@ guide medians (their guide means for Normal sites; for the scales ``1 / median *
 for ``E[1 / scale ** 2]``, which it underestimates by a Jensen gap; the spike-and-slab's
 genetic SD, which sets its prior SDs, enters at its median: a variational-EM step for it); the
 global scale's Laplace posterior holds the horseshoe's slab at the current scales within an
-update; the local scales' factors are log-normals with their optimal factors' moments of
-``log lambda``, given the effects at the global scale's median (the local scales enter the
-effects' factor at the value where ``lambda ** -2`` is its expectation, exact given the other
-scales); and the spike-and-slab's markers ``n_blocks`` apart are updated together, each as if
+update; the local scales' factors are log-normals with the moments of ``log lambda`` under the
+prior times the marginal likelihood, each given the other local scales at the value where
+``lambda ** -2`` is its factor's expectation and the global scale at its median (a collapsed
+update, as for the global scale: not the mean-field optimum, and the ELBO is not monotone in
+it); and the spike-and-slab's markers ``n_blocks`` apart are updated together, each as if
 alone, with the block's step damped by an exact line search
 (:meth:`SpikeSlabFactor._update_block`), rather than one at a time; the fixed points are the
 same.
@@ -83,7 +88,10 @@ from pyro.infer.autoguide import AutoGuideList, AutoNormal
 from pyro.poutine.util import site_is_subsample
 
 from pyro_nlme.data import GenotypeMatrix, NLMEData
-from pyro_nlme.infer.guides.gaussian_regression import GaussianRegressionPosterior
+from pyro_nlme.infer.guides.gaussian_regression import (
+    GaussianRegressionPosterior,
+    single_effect_log_evidence,
+)
 from pyro_nlme.infer.util import base_distribution, sites_moved_by, trace_model, trace_until
 from pyro_nlme.model.convention import VARIETY_DIM
 from pyro_nlme.model.marker_priors import MARKER_PLATE, SpikeSlabNormal
@@ -242,11 +250,11 @@ def log_scale_moments(
     within ``drop`` nats of its maximum, padded by one spacing. The moments are those of the
     last grid's normalised weights.
 
-    The horseshoe's local scales need this rather than a Laplace approximation: for a marker
-    the data barely inform, the optimal factor of ``log lambda`` is a plateau (flat from the
-    effect's scale up to the prior's; a curvature of about 0.002 at the mode, an SD of 20),
-    on which Newton's steps in float32 did not converge, and a log-normal of that SD would
-    draw ``lambda`` down to ``e ** -40``.
+    The horseshoe's local scales need this rather than a Laplace approximation: their
+    densities are skewed (the prior's tail ``exp(-x)`` on one side, the data's on the other),
+    and under the mean-field update the factor of a marker the data barely inform was a
+    plateau (a curvature of about 0.002 at the mode, an SD of 20) on which Newton's steps in
+    float32 did not converge.
 
     :returns: ``(mean, sd)``, each of ``shape``.
     :raises ValueError: if an element's mass reaches an end of :data:`LOG_SCALE_RANGE`.
@@ -397,12 +405,13 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
 
     With ``local_site`` (:func:`local_scale_site`: the horseshoe's ``lambda``), that site's
     factor is ``LogNormal({site}.cavi_local_loc, {site}.cavi_local_sd)``, one per scale, set
-    after the effects' factor by each update to the mean and SD of ``log lambda`` under its
-    optimal mean-field factor, ``q(lambda) ∝ p(lambda) exp(E_q[log p(b | lambda, ...)])``
-    (:func:`log_scale_moments`), with ``E_q[b ** 2] = mean ** 2 + marginal
-    variance`` from the effects' factor and the other scales at their medians. The working
-    regression reads the prior variances at ``lambda = exp(loc - sd ** 2)``, where ``lambda **
-    -2`` is its expectation under the factor.
+    after the effects' factor by each update to the mean and SD of ``log lambda`` under
+    ``p(lambda) p(y | sd(lambda) ** 2)`` (:func:`log_scale_moments`), the marginal likelihood
+    of its effect's prior variance with every effect integrated out
+    (:meth:`~pyro_nlme.infer.guides.gaussian_regression.GaussianRegressionPosterior.marker_evidence`),
+    the other scales where the effects' factor was built. The working regression reads the
+    prior variances at ``lambda = exp(loc - sd ** 2)``, where ``lambda ** -2`` is its
+    expectation under the factor.
 
     :param scale_site: the global scale site, or ``None``.
     :param scale_init: ``[K]`` its initial median (e.g. from the guide's ``init_loc_fn``).
@@ -494,21 +503,22 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
         super().update(data, **model_kwargs)
         if self.local_site is None:
             return
-        posterior = self.posterior(data.markers)  # at the global scale's median
-        second_moment = posterior.mean**2 + posterior.marginal_variance()
-        log_density = self.local_log_density(data, second_moment, **model_kwargs)
+        evidence = self.posterior(data.markers).marker_evidence()  # at the global scale's median
+        log_density = self.local_log_density(data, *evidence, **model_kwargs)
         loc, sd = log_scale_moments(log_density, self._state(("local_loc",))[0].shape)
         for part, value in zip(self._local_parts, (loc, sd), strict=True):
             pyro.param(self._names[part]).detach().copy_(value)
 
     def local_log_density(
-        self, data: NLMEData, second_moment: torch.Tensor, **model_kwargs
+        self, data: NLMEData, precision: torch.Tensor, score: torch.Tensor, **model_kwargs
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The log-density of the local scales' optimal factor in ``x = log lambda``, up to a
-        constant, ``log p(lambda) + x + E_q[log N(b; 0, sd(lambda))]`` elementwise (summed over
-        the curve parameters for a shared scale), with ``E_q[b ** 2] = second_moment [M, K]``
-        and the other sites at the guide's medians. ``sd(lambda)`` is read off the model, run
-        up to the effects' site only (:func:`~pyro_nlme.infer.util.trace_until`)."""
+        """The log-density of the local scales' factor in ``x = log lambda``, up to a
+        constant, ``log p(lambda) + x + log p(y | sd(lambda) ** 2)`` elementwise (summed over
+        the curve parameters for a shared scale): the effect's marginal likelihood
+        (:func:`~pyro_nlme.infer.guides.gaussian_regression.single_effect_log_evidence` of
+        ``precision, score [M, K]``), the other sites at the guide's medians. ``sd(lambda)`` is
+        read off the model, run up to the effects' site only
+        (:func:`~pyro_nlme.infer.util.trace_until`)."""
         point = self._point(self.medians(data, subsample_size=None, **model_kwargs))
         kwargs = {"subsample_size": None, **model_kwargs}
 
@@ -517,9 +527,9 @@ class GaussianCoordinateAscent(MarkerCoordinateAscent):
             conditioned = poutine.condition(self.model, data={**point, self.local_site: local})
             prefix, effect = trace_until(conditioned, self.site, data, **kwargs)
             prior = base_distribution(prefix.nodes[self.local_site]["fn"]).log_prob(local)
-            variance = (base_distribution(effect).scale ** 2).expand(second_moment.shape)
-            expected = -0.5 * variance.log() - second_moment / (2 * variance)
-            return prior + log_local + (expected if local.dim() == 2 else expected.sum(-1))
+            variance = (base_distribution(effect).scale ** 2).expand(precision.shape)
+            evidence = single_effect_log_evidence(precision, score, variance.to(precision))
+            return prior + log_local + (evidence if local.dim() == 2 else evidence.sum(-1))
 
         return log_density
 

@@ -8,7 +8,10 @@ import torch
 from test_marker_cavi import genotypes  # same folder: pytest puts it on the path
 
 from pyro_nlme.data import GenotypeMatrix
-from pyro_nlme.infer.guides.gaussian_regression import GaussianRegressionPosterior
+from pyro_nlme.infer.guides.gaussian_regression import (
+    GaussianRegressionPosterior,
+    single_effect_log_evidence,
+)
 
 
 def regression(n_varieties: int, n_markers: int, seed: int, weight_scale: float = 1.0):
@@ -68,6 +71,54 @@ def test_marginal_variances_are_the_dense_posterior_diagonal():
         dense = dense_posteriors(markers, *args)
         diagonal = torch.stack([q.covariance_matrix.diagonal() for q in dense], 1)
         torch.testing.assert_close(posterior.marginal_variance(chunk_markers=7), diagonal)
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 1000.0])
+def test_marker_evidence_is_the_marginal_likelihood_of_each_prior_variance(weight_scale):
+    """Changing one marker's prior variance (to 0, 1/100 of it, 100 times it) changes the
+    dense marginal likelihood of the response by what the evidence says, including for
+    effects the data determine, where ``1 - d S`` is small."""
+    markers, response, weight, unit, prior_variance = regression(
+        30, 80, seed=7, weight_scale=weight_scale
+    )
+    posterior = GaussianRegressionPosterior(markers, response, weight, unit, prior_variance)
+    precision, score = posterior.marker_evidence(chunk_markers=7)
+    args = (markers, response, weight, unit)
+    ratio = torch.ones(1, 2, dtype=torch.float64)
+    base = dense_log_marginal(*args, prior_variance, ratio)[0]
+    for marker in (0, 41, 79):
+        at_base = single_effect_log_evidence(
+            precision[marker], score[marker], prior_variance[marker]
+        )
+        for factor in (0.0, 0.01, 100.0):
+            changed = prior_variance.clone()
+            changed[marker] *= factor
+            expected = dense_log_marginal(*args, changed, ratio)[0] - base
+            found = (
+                single_effect_log_evidence(precision[marker], score[marker], changed[marker])
+                - at_base
+            )
+            torch.testing.assert_close(found, expected, rtol=1e-7, atol=1e-8)
+
+
+def test_marker_evidence_of_a_lone_effect_is_least_squares():
+    """With every other prior variance 0, ``s`` is the marker's information and ``q / s`` its
+    weighted least-squares estimate. (With weights 1,000 times larger, ``d s`` reaches 3e6 and
+    ``S`` loses 4 digits to cancellation in its quadratic form, which ``1 - d S`` then
+    magnifies: ``s`` is off by 4e-4 relative there.)"""
+    markers, response, weight, unit, prior_variance = regression(30, 80, seed=7)
+    alone = prior_variance.clone()
+    alone[1:] = 0.0
+    precision, score = GaussianRegressionPosterior(
+        markers, response, weight, unit, alone
+    ).marker_evidence()
+    z = standardized(markers)[:, 0]
+    information = unit**2 * (weight * z[:, None] ** 2).sum(0)
+    torch.testing.assert_close(precision[0], information)
+    torch.testing.assert_close(
+        score[0] / precision[0],
+        (weight * z[:, None] * response).sum(0) / (unit * (weight * z[:, None] ** 2).sum(0)),
+    )
 
 
 def test_draws_have_the_joint_posterior_covariance():

@@ -202,28 +202,32 @@ def test_a_marker_scale_with_another_child_is_not_a_local_scale(simulated_data):
     assert local_scale_site(model, simulated_data, trace, "effect", {}) is None
 
 
-def horseshoe_local_log_density(x, second_moment, tau, slab_variance, shared=False):
-    """``log q*(x = log lambda)`` of regularised-horseshoe local scales (``lambda ~
-    HalfCauchy(1)``) given ``E[b ** 2]`` and the global and slab scales, in closed form, up to a
-    constant: ``lambda_tilde ** -2 = lambda ** -2 + tau ** 2 / c ** 2``. ``shared``: one
-    ``lambda`` for the effects' last dim."""
+def horseshoe_local_log_density(x, precision, score, tau, slab_variance, shared=False):
+    """``log q(x = log lambda)`` of regularised-horseshoe local scales (``lambda ~
+    HalfCauchy(1)``) given each effect's data as an estimate ``score / precision`` of variance
+    ``1 / precision``, and the global and slab scales, in closed form, up to a constant: the
+    prior variance is ``tau ** 2 lambda_tilde ** 2``, ``lambda_tilde ** -2 = lambda ** -2 + tau
+    ** 2 / c ** 2``. ``shared``: one ``lambda`` for the effects' last dim."""
     log_prior = -torch.log1p(torch.exp(2 * x)) + x
     x = x[..., None] if shared else x
-    inverse_variance = (torch.exp(-2 * x) + tau**2 / slab_variance) / tau**2
-    expected = 0.5 * inverse_variance.log() - 0.5 * second_moment * inverse_variance
-    return log_prior + (expected.sum(-1) if shared else expected)
+    variance = tau**2 / (torch.exp(-2 * x) + tau**2 / slab_variance)
+    estimate = score / precision
+    evidence = dist.Normal(0, (1 / precision + variance).sqrt()).log_prob(estimate)
+    return log_prior + (evidence.sum(-1) if shared else evidence)
 
 
 def test_log_scale_moments_are_those_of_the_density():
-    """Against a dense grid (step 1e-3) of the horseshoe's local-scale density, from effects far
-    below the global scale (a plateau 14 wide in ``log lambda``) to effects capped by the slab
-    (a tail of the prior's, ``exp(-x)``); and Gaussians, whose moments are their locations and
+    """Against a dense grid (step 1e-3) of the horseshoe's local-scale density, from markers
+    the data barely see (the prior) or see as null to strong effects capped by the slab (a
+    tail of the prior's, ``exp(-x)``); and Gaussians, whose moments are their locations and
     scales."""
-    second_moment = torch.tensor([1e-12, 1e-6, 1e-2, 0.5, 10.0, 1e3, 1e6], dtype=torch.float64)
-    second_moment = second_moment.repeat(2)[:, None]  # [14, 1]
+    precision = torch.tensor([1e-12, 1e-4, 1e4, 1e4, 1e4, 1e-2, 1e2], dtype=torch.float64)
+    z_score = torch.tensor([0.0, 1.0, 0.0, 2.0, 8.0, 30.0, 300.0], dtype=torch.float64)
+    precision = precision.repeat(2)[:, None]  # [14, 1]
+    score = z_score.repeat(2)[:, None] * precision.sqrt()
     slab_variance = torch.tensor([1e8] * 7 + [1e2] * 7, dtype=torch.float64)[:, None]
-    density = lambda x: horseshoe_local_log_density(x, second_moment, 1.0, slab_variance)  # noqa: E731
-    mean, sd = log_scale_moments(density, second_moment.shape)
+    density = lambda x: horseshoe_local_log_density(x, precision, score, 1.0, slab_variance)  # noqa: E731
+    mean, sd = log_scale_moments(density, precision.shape)
     grid = torch.arange(-40, 60, 1e-3, dtype=torch.float64)
     weights = torch.softmax(density(grid.expand(14, -1)), -1)
     exact_mean = (weights * grid).sum(-1, keepdim=True)
@@ -231,7 +235,6 @@ def test_log_scale_moments_are_those_of_the_density():
     # quadrature errors negligible against the factor's spread
     assert ((mean - exact_mean).abs() / exact_sd).max() < 1e-3
     torch.testing.assert_close(sd, exact_sd, rtol=1e-3, atol=0)
-    assert sd.max() > 4  # a plateau (the Gaussians below hold a peak of SD 0.01)
     loc = torch.tensor([-3.0, 0.5, 20.0, -30.0], dtype=torch.float64)
     scale = torch.tensor([0.01, 2.0, 0.5, 1.0], dtype=torch.float64)
     mean, sd = log_scale_moments(lambda x: dist.Normal(loc, scale).log_prob(x), loc.shape)
@@ -245,8 +248,8 @@ def test_log_scale_moments_are_those_of_the_density():
 @pytest.mark.parametrize("prior", ["horseshoe", "horseshoe_shared"])
 def test_local_scale_factor_targets_the_horseshoe_conditional(simulated_data, prior):
     """The local scales' log-density read off g2was (run up to its effects) equals the
-    regularised horseshoe's in closed form, at the guide's medians of the global scale and
-    the slab."""
+    regularised horseshoe's in closed form given each effect's marginal likelihood, at the
+    guide's medians of the global scale and the slab."""
     kwargs = {"marker_prior": prior, "parametrization": "centred"}
     structure = model_structure(g2was, simulated_data, **kwargs)
     guide = build_guide(
@@ -265,15 +268,19 @@ def test_local_scale_factor_targets_the_horseshoe_conditional(simulated_data, pr
     generator = torch.Generator().manual_seed(0)
     shape = (simulated_data.n_markers,) if shared else (simulated_data.n_markers, 3)
     x = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
-    # effects' second moments from far below to far above the global scale
-    second_moment = tau**2 * torch.exp(6 * torch.randn(x.shape[0], 3, generator=generator))
+    # estimates' SDs and sizes from far below to far above the global scale
+    precision = torch.exp(6 * torch.randn(x.shape[0], 3, generator=generator)) / tau**2
+    z_score = torch.exp(torch.randn(precision.shape, generator=generator, dtype=torch.float64))
+    score = z_score * precision.sqrt()
     point = guide.medians(simulated_data, subsample_size=None, **kwargs)
     slab_variance = point["marker_effect_slab_variance"].double()
-    expected = horseshoe_local_log_density(x, second_moment, tau, slab_variance, shared)
-    log_density = guide.local_log_density(simulated_data, second_moment.float(), **kwargs)
-    found = log_density(x.float()).double()
-    constant = (found - expected).median()
-    torch.testing.assert_close(found, expected + constant, rtol=1e-5, atol=1e-3)
+    expected = horseshoe_local_log_density(x, precision, score, tau, slab_variance, shared)
+    log_density = guide.local_log_density(simulated_data, precision, score, **kwargs)
+    expected = expected - horseshoe_local_log_density(
+        torch.zeros_like(x), precision, score, tau, slab_variance, shared
+    )
+    found = (log_density(x.float()) - log_density(torch.zeros_like(x).float())).double()
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("prior", ["ridge", "horseshoe"])
