@@ -25,6 +25,7 @@ import torch
 
 from pyro_nlme.data import GenotypeMatrix, load_data
 from pyro_nlme.export import package_versions
+from pyro_nlme.infer.stopping import PlateauRule
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import PARAMETRIZATIONS, g2was
@@ -72,6 +73,7 @@ def one_fit(args) -> dict:
         guide=args.guide,
         batch_size=args.batch_size,
         max_steps=args.max_steps,
+        stopping=PlateauRule(min_steps=args.min_steps),
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
         noncentred_sites=tuple(args.noncentred_sites),
@@ -220,6 +222,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=PlateauRule.min_steps,
+        help="no stop on the ELBO plateau before this many steps",
+    )
+    parser.add_argument(
         "--reference-steps",
         type=int,
         default=0,
@@ -266,6 +274,8 @@ def main() -> None:
         str(args.batch_size),
         "--lr",
         str(args.lr),
+        "--min-steps",
+        str(args.min_steps),
         "--draws",
         str(args.draws),
         "--marker-form",

@@ -11,6 +11,7 @@ import arviz as az
 import pyro
 
 from pyro_nlme.data import DataError, NLMEData, load_data
+from pyro_nlme.infer.stopping import PlateauRule
 from pyro_nlme.model.observations import OBSERVATION_MODELS
 from pyro_nlme.model.registry import BUILTIN_MODELS, DEFAULT_MODEL, accepts, resolve_model
 from pyro_nlme.simulate.phenotypes import TRAITS
@@ -119,6 +120,7 @@ def command_fit(args: argparse.Namespace) -> int:
             guide=args.guide,
             batch_size=args.batch_size,
             max_steps=args.max_steps,
+            stopping=PlateauRule(min_steps=args.min_steps),
             lr=args.lr,
             lr_decay_steps=args.lr_decay_steps,
             noncentred_sites=tuple(args.noncentred_sites),
@@ -268,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     svi.add_argument("--batch-size", type=int, default=64, help="varieties per minibatch")
     svi.add_argument("--max-steps", type=int, default=5000)
     svi.add_argument("--lr", type=float, default=0.01)
+    svi.add_argument(
+        "--min-steps",
+        type=int,
+        default=PlateauRule.min_steps,
+        help="no stop on the ELBO plateau before this many steps: at batch 64 the loss's "
+        "noise hides the slow drift of the variance components (docs/svi.md)",
+    )
     svi.add_argument(
         "--lr-decay-steps",
         type=int,

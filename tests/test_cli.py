@@ -128,6 +128,8 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
                 "4",
                 "--max-steps",
                 "20",
+                "--min-steps",
+                "6000",
                 "--parametrization",
                 "centred",
                 "--correlated-events",
@@ -148,6 +150,7 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
     assert settings["correlated_events"] is True
     assert settings["correlated_plates"] == ["plant"]
     assert settings["exact_levels"] == ["variety_scenario_parameter"]
+    assert settings["stopping"]["min_steps"] == 6000
     assert "scenario_mean[well_watered, log_asymptote]" in capsys.readouterr().out
     prediction = tmp_path / "prediction.nc"
     assert (
