@@ -162,12 +162,13 @@ class GaussianRegressionPosterior(TorchDistribution):
         curvature = (around[0] - 2 * around[1] + around[2]) / resolution**2
         return reference.log() + mode, (-curvature).rsqrt()
 
-    def marginal_variance(self, chunk_markers: int = 4096) -> torch.Tensor:
+    @property
+    def variance(self) -> torch.Tensor:
         """``diag Sigma_k``, ``[M, K]`` in the effects' dtype: by Woodbury,
-        ``d - d ** 2 S`` (:meth:`_marker_projections`; in float64: for an effect the data
-        determine, the two terms nearly cancel)."""
+        ``d - d ** 2 S`` (:meth:`_marker_projections`, one pass over the dosages; in float64:
+        for an effect the data determine, the two terms nearly cancel)."""
         variance = self.prior_variance.to(torch.float64).clone()
-        for columns, explained, _ in self._marker_projections(chunk_markers):
+        for columns, explained, _ in self._marker_projections():
             variance[columns] -= variance[columns] ** 2 * explained
         return variance.to(self.prior_variance.dtype)
 
@@ -193,7 +194,7 @@ class GaussianRegressionPosterior(TorchDistribution):
             score[columns] = projected / remaining
         return precision, score
 
-    def _marker_projections(self, chunk_markers: int):
+    def _marker_projections(self, chunk_markers: int = 4096):
         """Per chunk of at most ``chunk_markers`` markers, ``(columns, S, Q)`` with ``S, Q``
         ``[C, K]`` float64: ``S[m, k] = x' C_k^-1 x`` and ``Q[m, k] = x' C_k^-1 y_k`` for
         ``x = unit_k z_m``, the marker's standardised dosages, where ``C_k^-1 = W_k^1/2 B_k^-1

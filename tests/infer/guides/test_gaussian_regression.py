@@ -70,7 +70,7 @@ def test_marginal_variances_are_the_dense_posterior_diagonal():
         posterior = GaussianRegressionPosterior(markers, *args)
         dense = dense_posteriors(markers, *args)
         diagonal = torch.stack([q.covariance_matrix.diagonal() for q in dense], 1)
-        torch.testing.assert_close(posterior.marginal_variance(chunk_markers=7), diagonal)
+        torch.testing.assert_close(posterior.variance, diagonal)
 
 
 @pytest.mark.parametrize("weight_scale", [1.0, 1000.0])
