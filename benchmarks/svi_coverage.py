@@ -4,8 +4,8 @@ For each seed: simulate a design (by default the 60-variety design of the slow r
 and of ``docs/benchmarks/nuts_small_design.md``: 60 varieties x 3 scenarios x 2 plants x 21
 days, 500 markers), fit ``g2was`` in the centred kinship form by SVI with the README's settings
 (amortised guide anchored at conditional modes, the genetic values' eigen-components
-non-centred, lr 0.02 decaying over 2,500 steps, plateau rule), and check whether the
-equal-tailed 90% interval of each target covers the simulator's value:
+non-centred, lr 0.02 decaying over 2,500 steps, plateau rule, not before ``--min-steps``), and
+check whether the equal-tailed 90% interval of each target covers the simulator's value:
 
 - every plant's curve parameters (``individual_parameter`` of the truth), all together and per
   curve parameter;
@@ -17,7 +17,8 @@ dominate the prior (60 varieties: the SDs of the variety-level effects are estim
 10%). Monte-Carlo errors as in ``benchmarks/nuts_coverage.py`` (binomial, and clustered by
 seed: the honest one). Writes ``docs/benchmarks/svi_coverage.{csv,md}`` (with
 ``--correlated-events``, a full covariance per plant's curve parameters:
-``svi_coverage_correlated.{csv,md}``; ``--stem`` names other files) after every seed;
+``svi_coverage_correlated.{csv,md}``; ``--stem`` names other files; the population scalars'
+standardised errors go to ``{stem}_z.csv``) after every seed;
 ``--resume`` keeps the seeds already there.
 
     OMP_NUM_THREADS=1 python benchmarks/svi_coverage.py --seeds 10
@@ -46,6 +47,7 @@ from nuts_coverage import (
 
 from pyro_nlme.data import load_data
 from pyro_nlme.export import package_versions
+from pyro_nlme.infer.stopping import PlateauRule
 from pyro_nlme.infer.svi import SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import g2was
@@ -61,7 +63,24 @@ def aligned(truth: xr.DataArray, draws: xr.DataArray) -> np.ndarray:
     return truth.sel({dim: draws[dim].values for dim in dims}).transpose(*dims).values
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
+def standardized_errors(seed: int, posterior: xr.Dataset, truth: xr.Dataset) -> list[dict]:
+    """Per population scalar: ``(posterior mean - truth) / posterior SD``. Over seeds, a
+    calibrated posterior gives a mean near 0 and an SD near 1 (less where the prior pulls); a
+    mean away from 0 is a bias, an SD above 1 intervals too narrow."""
+    rows = []
+    for name in POPULATION:
+        draws = posterior[name]
+        mean, sd = draws.mean(("chain", "draw")), draws.std(("chain", "draw"))
+        z = (mean.values - aligned(truth[name], draws)) / sd.values
+        for index, value in np.ndenumerate(z):
+            labels = ", ".join(
+                str(draws[dim].values[i]) for dim, i in zip(draws.dims[2:], index, strict=True)
+            )
+            rows.append({"seed": seed, "target": name, "element": labels, "z": value})
+    return rows
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     design = DesignConfig(
         n_varieties=args.varieties,
         n_markers=args.markers,
@@ -75,6 +94,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
         max_steps=args.max_steps,
         lr=args.lr,
         lr_decay_steps=args.lr_decay_steps,
+        stopping=PlateauRule(min_steps=args.min_steps),
         noncentred_sites=("genetic_value_component",),
         num_draws=args.draws,
         correlated_events=args.correlated_events,
@@ -96,16 +116,17 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     for name in POPULATION:
         hits = covered(posterior[name], aligned(sim.truth[name], posterior[name]))
         rows.append({**common, "target": name, "n": hits.size, "covered": int(hits.sum())})
-    return rows
+    return rows, standardized_errors(seed, posterior, sim.truth)
 
 
-def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
+def report_markdown(frame: pd.DataFrame, errors: pd.DataFrame, args: argparse.Namespace) -> str:
     per_fit = frame.groupby("seed")[["wall_s", "steps"]].first()
     command = (
         f"OMP_NUM_THREADS={args.threads} python benchmarks/svi_coverage.py --seeds {args.seeds} "
         f"--first-seed {args.first_seed} --varieties {args.varieties} --markers {args.markers} "
         f"--plants {args.plants} --days {args.days} --batch-size {args.batch_size} "
-        f"--max-steps {args.max_steps} --lr {args.lr} --lr-decay-steps {args.lr_decay_steps} "
+        f"--max-steps {args.max_steps} --min-steps {args.min_steps} --lr {args.lr} "
+        f"--lr-decay-steps {args.lr_decay_steps} "
         f"--draws {args.draws} --threads {args.threads}"
         + (" --correlated-events" if args.correlated_events else "")
         + "".join(f" --correlated-plates {name}" for name in args.correlated_plates)
@@ -113,6 +134,8 @@ def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
         + (f" --stem {args.stem}" if args.stem else "")
     )
     by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
+    z = errors.groupby(["target", "element"], sort=False)["z"]
+    z_table = pd.DataFrame({"seeds": z.size(), "mean_z": z.mean(), "sd_z": z.std(ddof=1)})
     return "\n".join(
         [
             "# SVI 90% interval coverage on simulated designs (amortised guide"
@@ -136,6 +159,11 @@ def report_markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
             "",
             markdown_table(by_seed.reset_index()),
             "",
+            "Population scalars: posterior mean minus truth, in posterior SDs, over seeds (a "
+            "mean away from 0 is a bias; an SD above 1, intervals too narrow):",
+            "",
+            markdown_table(z_table.reset_index()),
+            "",
         ]
     )
 
@@ -150,6 +178,12 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=7500)
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=PlateauRule.min_steps,
+        help="no plateau stop before this many steps",
+    )
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--lr-decay-steps", type=int, default=2500)
     parser.add_argument("--draws", type=int, default=400)
@@ -166,16 +200,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stem = args.stem or ("svi_coverage_correlated" if args.correlated_events else "svi_coverage")
-    csv = OUT / f"{stem}.csv"
+    csv, z_csv = OUT / f"{stem}.csv", OUT / f"{stem}_z.csv"
     rows = pd.read_csv(csv).to_dict("records") if args.resume and csv.exists() else []
+    errors = pd.read_csv(z_csv).to_dict("records") if args.resume and z_csv.exists() else []
     done = {row["seed"] for row in rows}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if seed in done:
             continue
-        rows += run_seed(seed, args)
-        frame = pd.DataFrame(rows)
+        seed_rows, seed_errors = run_seed(seed, args)
+        rows, errors = rows + seed_rows, errors + seed_errors
+        frame, error_frame = pd.DataFrame(rows), pd.DataFrame(errors)
         frame.to_csv(csv, index=False)
-        (OUT / f"{stem}.md").write_text(report_markdown(frame, args))
+        error_frame.to_csv(z_csv, index=False)
+        (OUT / f"{stem}.md").write_text(report_markdown(frame, error_frame, args))
         latest = frame[frame["seed"] == seed]
         print(
             f"seed {seed}: "
