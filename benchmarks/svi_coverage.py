@@ -100,6 +100,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> tuple[list[dict], list[dict
         correlated_events=args.correlated_events,
         correlated_plates=tuple(args.correlated_plates),
         exact_levels=tuple(args.exact_levels),
+        variety_offsets=args.variety_offsets,
         seed=seed,
         progress=False,
     )
@@ -131,6 +132,7 @@ def report_markdown(frame: pd.DataFrame, errors: pd.DataFrame, args: argparse.Na
         + (" --correlated-events" if args.correlated_events else "")
         + "".join(f" --correlated-plates {name}" for name in args.correlated_plates)
         + "".join(f" --exact-levels {name}" for name in args.exact_levels)
+        + (" --variety-offsets" if args.variety_offsets else "")
         + (f" --stem {args.stem}" if args.stem else "")
     )
     by_seed = frame.pivot_table(index="seed", columns="target", values="covered", sort=False)
@@ -142,6 +144,7 @@ def report_markdown(frame: pd.DataFrame, errors: pd.DataFrame, args: argparse.Na
             + (", correlated events" if args.correlated_events else "")
             + "".join(f", correlated over {name}" for name in args.correlated_plates)
             + "".join(f", {name} exact" for name in args.exact_levels)
+            + (", variety offsets" if args.variety_offsets else "")
             + ")",
             "",
             f"Command: `{command}`",
@@ -191,6 +194,7 @@ def main() -> None:
     parser.add_argument("--correlated-events", action="store_true")
     parser.add_argument("--correlated-plates", nargs="*", default=[])
     parser.add_argument("--exact-levels", nargs="*", default=[])
+    parser.add_argument("--variety-offsets", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already written")
     parser.add_argument(
         "--stem",

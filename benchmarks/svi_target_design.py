@@ -80,6 +80,7 @@ def one_fit(args) -> dict:
         correlated_events=args.correlated_events,
         correlated_plates=tuple(args.correlated_plates),
         exact_levels=tuple(args.exact_levels),
+        variety_offsets=args.variety_offsets,
         seed=args.seed,
         progress=False,
         num_draws=args.draws,
@@ -253,6 +254,9 @@ def main() -> None:
     )
     parser.add_argument("--correlated-plates", nargs="*", default=[])
     parser.add_argument("--exact-levels", nargs="*", default=[])
+    parser.add_argument(
+        "--variety-offsets", action="store_true", help="amortised guide (docs/svi.md)"
+    )
     parser.add_argument("--out", default="docs/svi_benchmark.md")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guide", default="amortized", help=argparse.SUPPRESS)
@@ -290,7 +294,9 @@ def main() -> None:
         *args.correlated_plates,
         "--exact-levels",
         *args.exact_levels,
-    ] + (["--correlated-events"] if args.correlated_events else [])
+    ]
+    common += ["--correlated-events"] if args.correlated_events else []
+    common += ["--variety-offsets"] if args.variety_offsets else []
     decay = args.lr_decay_steps or args.max_steps
     runs = [("amortized", seed, args.max_steps, decay) for seed in range(args.runs)] + [
         ("normal", 0, args.max_steps, decay)
@@ -332,6 +338,7 @@ def main() -> None:
             else "diagonal"
         )
         + "".join(f", {name} exact" for name in args.exact_levels)
+        + (", variety offsets" if args.variety_offsets else "")
         + f"; batch {args.batch_size}, "
         f"lr {args.lr} decaying to {SVIConfig().lr_final} over {decay} steps, "
         f"at most {args.max_steps} steps"

@@ -128,6 +128,7 @@ def command_fit(args: argparse.Namespace) -> int:
             correlated_events=args.correlated_events,
             correlated_plates=tuple(args.correlated_plates),
             exact_levels=tuple(args.exact_levels),
+            variety_offsets=args.variety_offsets,
             num_draws=args.draws,
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
@@ -289,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="gradient",
         help="cavi: spike-and-slab, ridge or horseshoe marker effects by coordinate ascent "
         "(--guide normal, --parametrization centred)",
+    )
+    svi.add_argument(
+        "--variety-offsets",
+        action="store_true",
+        help="amortised guide: a free per-variety offset of the encoder's outputs "
+        "(semi-amortised; docs/svi.md: the variance components unbiased against NUTS)",
     )
     svi.add_argument(
         "--correlated-events",

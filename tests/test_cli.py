@@ -137,6 +137,7 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
                 "plant",
                 "--exact-levels",
                 "variety_scenario_parameter",
+                "--variety-offsets",
                 "--draws",
                 "5",
                 "--no-progress",
@@ -151,6 +152,7 @@ def test_fit_a_model_given_by_path_then_predict(simulated, tmp_path, capsys):
     assert settings["correlated_plates"] == ["plant"]
     assert settings["exact_levels"] == ["variety_scenario_parameter"]
     assert settings["stopping"]["min_steps"] == 6000
+    assert settings["variety_offsets"] is True
     assert "scenario_mean[well_watered, log_asymptote]" in capsys.readouterr().out
     prediction = tmp_path / "prediction.nc"
     assert (

@@ -124,6 +124,9 @@ class SVIConfig:
     :param encoder_hidden: width of the amortised encoder.
     :param encoder_markers: feed the variety's markers to the amortised encoder (besides its
         trajectories).
+    :param variety_offsets: in the amortised guide, a free per-variety offset of the encoder's
+        locations and log scales, at the base learning rate
+        (:class:`~pyro_nlme.infer.guides.AmortizedGuide`).
     :param seed: seeds parameters' initialisation, minibatches and draws.
     :param device: ``cpu``, ``cuda``, ``cuda:1``, ...
     :param progress: show a progress bar.
@@ -157,6 +160,7 @@ class SVIConfig:
     cavi_response_site: str = "variety_scenario_parameter"
     encoder_hidden: int = 64
     encoder_markers: bool = True
+    variety_offsets: bool = False
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -370,6 +374,7 @@ def _fit_svi(
                 "correlated_events": config.correlated_events,
                 "exact_levels": config.exact_levels,
                 "correlated_plates": config.correlated_plates,
+                "variety_offsets": config.variety_offsets,
             }
             if config.guide == "amortized"
             else {}

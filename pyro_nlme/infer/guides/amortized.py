@@ -361,6 +361,11 @@ class AmortizedGuide(PyroModule):
         population and their child level's draw (:func:`exact_level`,
         :meth:`exact_conditional`) instead of an encoder output.
     :param model_kwargs: the model's keyword arguments (to check ``exact_levels``).
+    :param variety_offsets: add a free parameter per variety to the encoder's location and log
+        scale outputs, both starting at 0 (semi-amortised: the encoder gives the starting point,
+        the offsets close the amortisation gap on the fitted varieties). A variety without
+        data keeps what its prior makes of its offsets; predictions for new varieties come
+        from the model, not the guide (:mod:`~pyro_nlme.infer.predict`).
 
     The guide is ``q(population) * prod_v q(individual_v | population, data_v)``, the structure
     of Agrawal & Domke (2021) for hierarchical models: the individual locations are the
@@ -404,6 +409,7 @@ class AmortizedGuide(PyroModule):
         exact_levels: Sequence[str] = (),
         correlated_plates: Sequence[str] = (),
         model_kwargs: dict | None = None,
+        variety_offsets: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -457,6 +463,10 @@ class AmortizedGuide(PyroModule):
         self.anchors = dict(anchors or {})
         self.init_scale = init_scale
         self.prior_gain = PyroParam(torch.ones(offset, dtype=data.times.dtype, device=data.device))
+        self.variety_offsets = variety_offsets
+        if variety_offsets:
+            zeros = data.times.new_zeros(data.n_varieties, offset)
+            self.loc_offset, self.log_scale_offset = PyroParam(zeros), PyroParam(zeros.clone())
         self._reference: _Reference | None = None
 
     def reference(self, data: NLMEData, model_kwargs: dict) -> _Reference:
@@ -590,6 +600,9 @@ class AmortizedGuide(PyroModule):
         batch = data.subset(idx)
         markers = self.marker_features[idx] if self.use_markers else None
         loc, scale, correlations = self.encoder(markers, trajectory_features(batch, prior_curve))
+        if self.variety_offsets:
+            loc = loc + self.loc_offset[idx]
+            scale = scale * self.log_scale_offset[idx].exp()
         coupled = self.coupling @ self.standardized_deviation(values)
         # One plate object per name: a plate is a sample site, created once per guide call.
         layouts = self.layouts + [level.layout for level in self.exact_levels]

@@ -340,3 +340,49 @@ def test_marker_features_span_every_linear_function_of_the_markers():
     assert (features**2).mean().item() == pytest.approx(
         float(torch.diagonal(standardized @ standardized.T).mean() / markers.n_markers), rel=1e-9
     )
+
+
+def exact_posterior_of_effects(data) -> tuple[np.ndarray, np.ndarray]:
+    """Each effect's marginal posterior mean and SD: given ``mean``, ``effect_v`` is Normal
+    with mean ``w_v (ybar_v - mean)`` and variance ``1 / P_v``, ``P_v = n_v / NOISE_SD^2 +
+    1 / EFFECT_SD^2`` and ``w_v = n_v / (NOISE_SD^2 P_v)``; ``mean`` integrated out."""
+    values = data.values.numpy()[..., 0, 0, :]
+    mask = data.mask.numpy()[..., 0, 0, :]
+    n = mask.sum(-1)
+    ybar = (values * mask).sum(-1) / n
+    precision = n / NOISE_SD**2 + 1 / EFFECT_SD**2
+    slope = n / NOISE_SD**2 / precision
+    mean_loc, mean_sd = exact_posterior_of_mean(data)
+    return slope * (ybar - mean_loc), np.sqrt(1 / precision + slope**2 * mean_sd**2)
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_variety_offsets_reach_the_exact_posterior_of_each_variety(intercept_data, offsets):
+    """With the encoder frozen at its initial weights (learning-rate factor 0) and the
+    locations measured from the conditional prior means (``anchor="prior"``), the variety
+    offsets alone carry each variety's factor to its exact marginal posterior: every effect's
+    mean within 0.25 exact SDs (the Monte-Carlo error of 1,000 draws is at most 0.13 of them
+    at 4 SEs; the rest is one particle's optimiser noise; measured: 0.14) and its SD within
+    15% (measured: 1.01-1.11 of the exact SDs; one particle's noise inflates the scales, as in
+    the coupling test). Without the offsets the frozen encoder leaves the locations at the
+    prior's, up to 12 exact SDs off, with SDs 0.65 of the exact ones: the check has power."""
+    exact_mean, exact_sd = exact_posterior_of_effects(intercept_data)
+    config = SVIConfig(
+        batch_size=None,
+        max_steps=2000,
+        lr=0.03,
+        anchor="prior",
+        encoder_lr_factor=0.0,
+        variety_offsets=offsets,
+        num_draws=1000,
+        stopping=None,
+        progress=False,
+    )
+    draws = fit_svi(random_intercept, intercept_data, config).inference_data.posterior["effect"]
+    error = (draws.mean(("chain", "draw")).values.reshape(-1) - exact_mean) / exact_sd
+    sd_ratio = draws.std(("chain", "draw")).values.reshape(-1) / exact_sd
+    if offsets:
+        assert np.abs(error).max() < 0.25
+        np.testing.assert_allclose(sd_ratio, 1.0, atol=0.15)
+    else:
+        assert np.abs(error).max() > 1.0
