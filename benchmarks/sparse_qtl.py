@@ -21,11 +21,19 @@ predictions), and score:
 - ``gsd_ratio``: SD over the phenotyped varieties of the predicted genetic values divided by the
   true one (a collapse of the genetic variance shows as a ratio near 0).
 
-The pseudo-prior ``oracle_scan`` fits nothing: it ranks the markers by the absolute correlation
-of their dosages with the *true* genetic values over the phenotyped varieties, a single-marker
-scan of a noise-free phenotype. It tells how far the design itself separates the QTL from the
-other markers (the other QTL, the polygenic background and linkage stand in its way); a joint
-model of the noisy curves ranking them as well is near what the data allow.
+Three pseudo-priors fit no curve; they rank the markers from the simulator's truth over the
+phenotyped varieties, to tell how far the design itself separates the QTL from the other
+markers:
+
+- ``oracle_scan``: the absolute correlation of each marker's dosages with the *true* genetic
+  values, a single-marker scan of a noise-free phenotype (the other QTL, the polygenic
+  background and linkage stand in its way);
+- ``oracle_ard_genetic``: a multi-locus fit of the same true genetic values, sparse Bayesian
+  learning (:func:`sparse_bayesian_learning`), with the polygenic background as the noise;
+- ``oracle_ard_curves``: the same fit of the variety means over scenarios and plants of the
+  plants' *true* curve parameters, less the scenario means: perfect curve fits, with the
+  variety x scenario and plant deviations in the noise as well (:func:`oracle_response`).
+  The phenotype a joint model of the curves sees, at best.
 
 Writes a Markdown table (with the settings) and a CSV beside it.
 """
@@ -46,12 +54,17 @@ from svi_target_design import markdown_table  # benchmarks/ is on the path of it
 
 from pyro_nlme.data import load_data
 from pyro_nlme.export.inference_data import GUIDE_MEAN, package_versions
+from pyro_nlme.infer.guides.gaussian_regression import (
+    GaussianRegressionPosterior,
+    single_effect_log_evidence,
+)
 from pyro_nlme.infer.svi import MARKER_UPDATES, SVIConfig, fit_svi
 from pyro_nlme.simulate import DesignConfig, simulate_design
 from pyro_nlme_models.g2was import CURVE_PARAMETERS, PARAMETRIZATIONS, g2was
 
 TOP = 50
 ORACLE_SCAN = "oracle_scan"
+ORACLE_ARD = {"oracle_ard_genetic": "genetic", "oracle_ard_curves": "curves"}
 
 
 def ld_hits(candidates: np.ndarray, targets: np.ndarray, chromosome, position, window: int):
@@ -75,6 +88,76 @@ def oracle_scan(dataset, data) -> np.ndarray:
         norms = z.norm(dim=0)[:, None] * values.norm(dim=0)  # [C, K]
         correlations.append((z.T @ values).abs() / norms.clamp(min=1e-12))
     return torch.cat(correlations).numpy()
+
+
+def oracle_response(dataset, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[V, K]`` response over all varieties (0 for the held-out ones), centred over the
+    phenotyped, and ``[V, K]`` its precisions (0 for the held-out), for
+    :func:`sparse_bayesian_learning`.
+
+    ``target="genetic"``: the true genetic values, noise variance the polygenic background's,
+    ``(1 - qtl_share) * var(g)`` (at least ``1e-3 var(g)``). ``target="curves"``: per variety,
+    the mean over scenarios and plants of ``individual_parameter - scenario_mean``; noise
+    variance that plus ``(variety_scenario_sd ** 2 + plant_sd ** 2 / P) / S``.
+    """
+    truth = dataset.truth
+    phenotyped = ~truth["heldout"].values
+    genetic = truth["genetic_value"].values
+    noise = np.maximum((1 - truth["qtl_share"].values), 1e-3) * genetic[phenotyped].var(0)
+    if target == "curves":
+        dims = ("variety", "scenario", "plant", "curve_parameter")
+        plants = truth["individual_parameter"].transpose(*dims).values
+        deviation = plants - truth["scenario_mean"].values[None, :, None, :]
+        response = deviation.mean((1, 2))
+        n_scenarios, n_plants = plants.shape[1:3]
+        within = truth["variety_scenario_sd"].values ** 2 + truth["plant_sd"].values ** 2 / n_plants
+        noise = noise + within / n_scenarios
+    elif target == "genetic":
+        response = genetic
+    else:
+        raise ValueError(f"unknown oracle target {target!r}")
+    centred = np.where(phenotyped[:, None], response - response[phenotyped].mean(0), 0.0)
+    precision = np.where(phenotyped[:, None], 1.0 / noise, 0.0)
+    return torch.as_tensor(centred), torch.as_tensor(precision)
+
+
+def sparse_bayesian_learning(
+    markers, response: torch.Tensor, weight: torch.Tensor, max_iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tipping & Faul's (2003) fast marginal-likelihood maximisation: every effect
+    ``b[m, k] ~ Normal(0, v[m, k])``, ``v`` by type-II maximum likelihood, all starting at 0.
+    Each iteration, per curve parameter, changes the one ``v[m, k]`` (added, re-estimated or
+    deleted) whose optimum ``max(0, (q^2 - s) / s^2)`` raises the log marginal likelihood most
+    (:meth:`GaussianRegressionPosterior.marker_evidence`); it stops when no change gains
+    ``1e-3`` nats, or after ``max_iterations`` (each adds at most one marker per parameter; a
+    top 50 needs about 50).
+
+    :returns: the posterior mean effects ``[M, K]``, each marker's evidence ``q^2 / s`` given
+        the others ``[M, K]`` (a ranking of the markers left at 0), and the iterations run.
+    """
+    n_markers, n_parameters = markers.n_markers, response.shape[1]
+    variance = torch.zeros(n_markers, n_parameters, dtype=torch.float64)
+    unit = torch.ones(n_parameters, dtype=torch.float64)
+    columns = torch.arange(n_parameters)
+    iterations = 0
+    while iterations < max_iterations:
+        iterations += 1
+        active = torch.nonzero(variance.sum(1)).flatten()
+        z = markers.standardized_columns(active, torch.float64)  # [V, A]: few columns
+        gram = torch.einsum("va,ak,wa->kvw", z, variance[active], z)
+        posterior = GaussianRegressionPosterior(markers, response, weight, unit, variance, gram)
+        precision, score = posterior.marker_evidence()
+        excess = score**2 - precision  # > 0 only where s > 0 (monomorphic markers: s = q = 0)
+        optimum = torch.where(excess > 0, excess / precision**2, 0.0)
+        gain = single_effect_log_evidence(precision, score, optimum) - single_effect_log_evidence(
+            precision, score, variance
+        )
+        best = gain.argmax(0)
+        if gain[best, columns].max() < 1e-3:
+            break
+        variance[best, columns] = optimum[best, columns]
+    evidence = torch.where(precision > 0, score**2 / precision, 0.0)
+    return posterior.loc, evidence, iterations
 
 
 def ranking_scores(keys: list[np.ndarray], truth, k: int, window: int) -> dict:
@@ -142,6 +225,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--draws", type=int, default=30)
     parser.add_argument("--ld-window", type=int, default=20)
+    parser.add_argument(
+        "--ard-iterations", type=int, default=60, help="oracle_ard_*: most greedy iterations"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--parametrization",
@@ -204,12 +290,28 @@ def main() -> None:
         assert order == list(range(len(order))), "data rows must follow the simulator's"
         for prior in args.priors:
             tic = time.perf_counter()
-            if prior == ORACLE_SCAN:
-                correlations = oracle_scan(dataset, data)
+            if prior == ORACLE_SCAN or prior in ORACLE_ARD:
+                if prior == ORACLE_SCAN:
+                    keys, extra = [oracle_scan(dataset, data)], {}
+                else:
+                    response, weight = oracle_response(dataset, ORACLE_ARD[prior])
+                    loc, evidence, iterations = sparse_bayesian_learning(
+                        data.markers, response, weight, args.ard_iterations
+                    )
+                    keys = [evidence.numpy(), loc.abs().numpy()]
+                    extra = {"iterations": iterations}
+                wall = time.perf_counter() - tic
                 for k, parameter in enumerate(CURVE_PARAMETERS):
-                    scores = ranking_scores([correlations], dataset.truth, k, args.ld_window)
+                    scores = ranking_scores(keys, dataset.truth, k, args.ld_window)
                     rows.append(
-                        {"seed": seed, "prior": prior, "curve_parameter": parameter, **scores}
+                        {
+                            "seed": seed,
+                            "wall_s": wall,
+                            "prior": prior,
+                            "curve_parameter": parameter,
+                            **extra,
+                            **scores,
+                        }
                     )
                 continue
             updates = args.marker_updates if prior in args.cavi_priors else "gradient"
@@ -248,6 +350,7 @@ def write(table: pd.DataFrame, args, config: DesignConfig, svi: SVIConfig, total
         f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --varieties {args.varieties} "
         f"--heldout {args.heldout} --days {args.days} --qtl-share {args.qtl_share} "
         f"--draws {args.draws} --ld-window {args.ld_window} --threads {args.threads} "
+        f"--ard-iterations {args.ard_iterations} "
         f"--parametrization {args.parametrization} --marker-updates {args.marker_updates}"
         + (
             f" --cavi-priors {' '.join(args.cavi_priors)}`"
