@@ -363,8 +363,8 @@ class AmortizedGuide(PyroModule):
     :param model_kwargs: the model's keyword arguments (to check ``exact_levels``).
     :param variety_offsets: add a free parameter per variety to the encoder's location and log
         scale outputs, both starting at 0 (semi-amortised: the encoder gives the starting point,
-        the offsets close the amortisation gap on the fitted varieties). A variety without
-        data keeps what its prior makes of its offsets; predictions for new varieties come
+        the offsets close the amortisation gap on the fitted varieties). The offsets of a
+        variety without data are fitted to its prior alone; predictions for new varieties come
         from the model, not the guide (:mod:`~pyro_nlme.infer.predict`).
 
     The guide is ``q(population) * prod_v q(individual_v | population, data_v)``, the structure
