@@ -133,20 +133,21 @@ def sparse_bayesian_learning(
     top 50 needs about 50).
 
     :returns: the posterior mean effects ``[M, K]``, each marker's evidence ``q^2 / s`` given
-        the others ``[M, K]`` (a ranking of the markers left at 0), and the iterations run.
+        the others ``[M, K]`` (a ranking of the markers left at 0), both after the last change,
+        and the number of changes made (per curve parameter).
     """
     n_markers, n_parameters = markers.n_markers, response.shape[1]
     variance = torch.zeros(n_markers, n_parameters, dtype=torch.float64)
     unit = torch.ones(n_parameters, dtype=torch.float64)
     columns = torch.arange(n_parameters)
-    iterations = 0
-    while iterations < max_iterations:
-        iterations += 1
+    for iterations in range(max_iterations + 1):  # the last pass only reads the final fit
         active = torch.nonzero(variance.sum(1)).flatten()
         z = markers.standardized_columns(active, torch.float64)  # [V, A]: few columns
         gram = torch.einsum("va,ak,wa->kvw", z, variance[active], z)
         posterior = GaussianRegressionPosterior(markers, response, weight, unit, variance, gram)
         precision, score = posterior.marker_evidence()
+        if iterations == max_iterations:
+            break
         excess = score**2 - precision  # > 0 only where s > 0 (monomorphic markers: s = q = 0)
         optimum = torch.where(excess > 0, excess / precision**2, 0.0)
         gain = single_effect_log_evidence(precision, score, optimum) - single_effect_log_evidence(
